@@ -1,0 +1,87 @@
+"""The normalized record schema shared by every data stage.
+
+A record is a conversation: ``messages`` is a list of ``{"role", "content"}`` with roles
+``system`` / ``user`` / ``assistant``. Its ``id`` is a content hash of the messages, so the same
+conversation gets the same id in every source and every run. ``original`` keeps the source
+record as JSON: nothing the source had is lost by normalizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROLES = ("system", "user", "assistant")
+
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+RECORD_SCHEMA = pa.schema([
+    ("id", pa.string()),  # sha256 of the canonical messages JSON, 16 hex characters
+    ("source", pa.string()),  # the profile's source name
+    ("format", pa.string()),  # alpaca, sharegpt, openai, oasst, dolly, openorca
+    ("source_file", pa.string()),
+    ("source_line", pa.int64()),  # 1-based line (JSONL/CSV) or element index + 1 (JSON array)
+    ("license", pa.string()),
+    ("messages", MESSAGE_TYPE),
+    ("original", pa.string()),  # the source record as JSON
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("source_file", pa.string()),
+    ("source_line", pa.int64()),  # 0 when the whole file is rejected
+    ("field", pa.string()),  # the offending field, when there is one
+    ("reason", pa.string()),
+    ("raw", pa.string()),  # the raw text of the record, never truncated
+])
+
+# Columns deduped_corpus adds to every record (kept and rejected).
+LANG_FIELDS = [("lang", pa.string()), ("lang_score", pa.float64()), ("p_en", pa.float64())]
+KEPT_SCHEMA = pa.schema(list(RECORD_SCHEMA) + LANG_FIELDS)
+REJECTED_SCHEMA = pa.schema(list(RECORD_SCHEMA) + LANG_FIELDS + [
+    # non_english | exact_duplicate | near_duplicate | contaminated
+    ("reason", pa.string()),
+    ("duplicate_of", pa.string()),  # id of the kept record, for duplicates
+    ("similarity", pa.float64()),  # exact Jaccard of the shingles, for near duplicates
+    ("detail", pa.string()),  # free text: the matching eval set for contamination, etc.
+])
+CLUSTER_SCHEMA = pa.schema([
+    ("kept_id", pa.string()),
+    ("removed_id", pa.string()),
+    ("kind", pa.string()),  # exact | near
+    ("similarity", pa.float64()),
+])
+
+
+def record_id(messages: Sequence[dict[str, str]]) -> str:
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def conversation_text(messages: Sequence[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def prompt_text(messages: Sequence[dict[str, str]]) -> str:
+    """The text a user wrote (system and user turns), without the answers."""
+    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+
+
+def write_table(path: Path, rows: Iterable[dict[str, Any]] | pa.Table, schema: pa.Schema) -> int:
+    """Write rows as Parquet with the given schema (an empty table is still a valid file)."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=schema)
+    table = table.select(schema.names).cast(schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd")
+    return table.num_rows
+
+
+def read_table(path: Path) -> pa.Table:
+    return pq.read_table(path)
