@@ -51,8 +51,12 @@ def run_stage(context: dg.AssetExecutionContext, module: str, inputs: list[str],
     env = {**OFFLINE_ENV, **refinery.env()}
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env[key] = os.environ.get(key, env[key])  # an online 8B run may turn the hub back on
-    result = context.resources.pipes.run(command=command, context=context, env=env,
-                                         cwd=str(PROJECT_ROOT)).get_materialize_result()
+    client = context.resources.pipes
+    if isinstance(client, dg.PipesSubprocessClient):
+        invocation = client.run(command=command, context=context, env=env, cwd=str(PROJECT_ROOT))
+    else:  # e.g. PipesK8sClient: same command in the cluster image (docs/cluster.md)
+        invocation = client.run(command=command, context=context, env=env)
+    result = invocation.get_materialize_result()
     artifact = load_artifact(Path(str(result.metadata["path"].value)))
     metadata = {**result.metadata, **lineage}
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(artifact.version)), artifact

@@ -1,0 +1,440 @@
+"""raw_corpus: read every source of the profile into normalized records, losing nothing.
+
+Each source (refinery.config.SourceConfig) is a local file, directory or glob of JSON lines, JSON
+arrays, Parquet or CSV, or a Hub dataset (through ``datasets``, only when the machine is online).
+Every record read ends up exactly once either in ``records`` (RECORD_SCHEMA) or in ``quarantine``
+(QUARANTINE_SCHEMA, with the file, line, field, reason and the untruncated raw text), so
+``read == kept + quarantined`` holds per source and per file. A source that cannot be read at all
+(nothing matches, binary, not JSON, unreadable Parquet, Hub offline) raises ``SourceError``
+naming the source and the file.
+
+With ``format: auto`` the source's format is the majority vote of ``detect_format`` over the
+first ``DETECT_SAMPLE`` records of each file; a record that looks like another known format is
+quarantined (one source, one format). Files are read as a stream; JSON arrays are decoded one
+element at a time from the file's text.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from refinery.config import SourceConfig, resolve_path
+from refinery.formats import FORMATS, RecordError, detect_format, to_messages
+from refinery.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, record_id, write_table
+
+DETECT_SAMPLE = 1000  # records per file that vote on a source's format
+FILE_KINDS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SNIFF_BYTES = 8192
+
+
+class SourceError(RuntimeError):
+    """A whole source cannot be read; the message names the source and the file."""
+
+
+@dataclass
+class SourceResult:
+    name: str
+    format: str | None  # the format used (chosen by vote when the source says auto)
+    records: list[dict]
+    quarantine: list[dict]
+    counts: dict[str, Any]  # read, kept, quarantined, files: {file: {read, kept, quarantined}}, ...
+
+
+@dataclass
+class IngestResult:
+    records: list[dict]
+    quarantine: list[dict]
+    per_source: dict[str, dict[str, Any]]
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    """One raw record as read from a file: the parsed object, or why it could not be parsed."""
+
+    file: str
+    line: int
+    raw: str
+    obj: Any = None
+    error: str | None = None  # set when the raw text is not a usable JSON value
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def source_files(source: SourceConfig) -> list[Path]:
+    """The files of a local source, sorted; SourceError when there are none."""
+    pattern = str(resolve_path(source.path))
+    target = Path(pattern)
+    if target.is_dir():
+        files = [p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in FILE_KINDS]
+    elif glob.has_magic(pattern):
+        files = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+    else:
+        files = [target] if target.exists() else []
+    if not files:
+        raise SourceError(f"source {source.name!r}: no file matches {pattern}")
+    for f in files:
+        if f.suffix.lower() not in FILE_KINDS:
+            raise SourceError(f"source {source.name!r}: {f}: unsupported file type "
+                              f"(known: {', '.join(sorted(FILE_KINDS))})")
+    return sorted(files)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _error(source: SourceConfig, path: Path | str, reason: str) -> SourceError:
+    return SourceError(f"source {source.name!r}: {path}: {reason}")
+
+
+def _sniff_binary(source: SourceConfig, path: Path) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\x00" in head:
+        raise _error(source, path, "binary data (NUL bytes), not a text file")
+    return head
+
+
+def _parse(item: _Item, max_record_bytes: int, size: int) -> _Item:
+    if size > max_record_bytes:
+        item.error = f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
+    elif item.error is None:
+        try:
+            item.obj = json.loads(item.raw)
+        except json.JSONDecodeError as exc:
+            item.error = f"invalid JSON: {exc}"
+    return item
+
+
+def _read_jsonl(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+    _sniff_binary(source, path)
+    seen = not_json = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip(b"\r\n")
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+            if not line.strip():
+                continue  # a blank line is not a record
+            seen += 1
+            try:
+                item = _Item(str(path), number, line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                # keep the bytes readable and lossless: invalid ones become \xNN escapes
+                item = _Item(str(path), number, line.decode("utf-8", "backslashreplace"),
+                             error=f"invalid UTF-8 at byte {exc.start}")
+            item = _parse(item, max_record_bytes, len(line))
+            not_json += (item.error or "").startswith("invalid JSON")
+            yield item
+    if seen and not_json == seen:
+        raise _error(source, path, f"not JSON lines: none of its {seen} lines is a JSON value")
+
+
+def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+    """A JSON array, one element per record (``line`` is the element's index + 1), or JSON lines.
+
+    The content decides, not the extension: belle_zh's .json files are JSON lines, and a
+    pretty-printed array saved as .jsonl is still an array.
+    """
+    head = _sniff_binary(source, path).lstrip(b"\xef\xbb\xbf").lstrip()
+    if not head:
+        return
+    if head[:1] != b"[" and path.suffix.lower() != ".json":
+        yield from _read_jsonl(source, path, max_record_bytes)
+        return
+    if head[:1] != b"[":
+        with open(path, "rb") as f:
+            first = b""
+            for first in f:
+                if first.strip():
+                    break
+        try:
+            json.loads(first)
+        except ValueError:
+            if head[:1] == b"{":
+                raise _error(source, path, "one JSON object, not an array of records or JSON lines") from None
+            raise _error(source, path, "not JSON: expected an array of records or JSON lines") from None
+        yield from _read_jsonl(source, path, max_record_bytes)
+        return
+    # surrogateescape keeps invalid bytes so that only the elements containing them are rejected
+    text = path.read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    index = 0
+
+    def skip(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip(pos)
+    if text[pos:pos + 1] == "]":
+        return
+    while True:
+        index += 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            # the rest of the file cannot be split into elements: keep it whole, as one record
+            if index == 1:
+                raise _error(source, path, f"not a JSON array: {exc}") from None
+            rest = _escape_surrogates(text[pos:])
+            yield _Item(str(path), index, rest, error=f"invalid JSON (the rest of the array is kept here): {exc}")
+            return
+        raw = text[pos:end]
+        try:
+            size = len(raw.encode("utf-8"))
+            item = _Item(str(path), index, raw, obj=obj)
+        except UnicodeEncodeError:
+            data = raw.encode("utf-8", "surrogateescape")
+            size = len(data)
+            item = _Item(str(path), index, data.decode("utf-8", "backslashreplace"), error="invalid UTF-8")
+        if size > max_record_bytes:
+            item.obj, item.error = None, f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
+        yield item
+        pos = skip(end)
+        if text[pos:pos + 1] == ",":
+            pos = skip(pos + 1)
+        elif text[pos:pos + 1] == "]":
+            trailing = text[pos + 1:]
+            if trailing.strip():  # e.g. JSON lines whose first line is an array: keep the rest
+                yield _Item(str(path), index + 1, _escape_surrogates(trailing),
+                            error="invalid JSON: text after the end of the array")
+            return
+        else:
+            rest = _escape_surrogates(text[pos:])
+            yield _Item(str(path), index + 1, rest,
+                        error=f"invalid JSON: expected ',' or ']' at char {pos} (the rest of the array is kept here)")
+            return
+
+
+def _row_item(file: str, line: int, row: dict, max_record_bytes: int) -> _Item:
+    raw = json.dumps(row, ensure_ascii=False, default=str)
+    item = _Item(file, line, raw, obj=row)
+    size = len(raw.encode("utf-8", "surrogateescape"))
+    if size > max_record_bytes:
+        item.obj, item.error = None, f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
+    return item
+
+
+def _read_parquet(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise _error(source, path, f"unreadable Parquet: {exc}") from None
+    line = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            line += 1
+            yield _row_item(str(path), line, row, max_record_bytes)
+
+
+def _read_csv(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+    _sniff_binary(source, path)
+    # csv refuses fields over 128 KiB by default, far below max_record_bytes; size is checked below
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        start = reader.line_num + 1
+        for row in reader:
+            undecodable = any(_has_surrogates(v) for v in row.values() if isinstance(v, str))
+            if undecodable:  # show invalid bytes as \xNN text, so the raw row stays valid JSON
+                row = {k: _escape_surrogates(v) if isinstance(v, str) else v for k, v in row.items()}
+            item = _row_item(str(path), start, row, max_record_bytes)
+            if None in row:
+                item.obj, item.error = None, f"{len(header) + len(row[None])} fields, the header has {len(header)}"
+            elif any(v is None for v in row.values()):
+                item.obj, item.error = None, f"fewer fields than the header's {len(header)}"
+            elif undecodable:
+                item.obj, item.error = None, "invalid UTF-8"
+            start = reader.line_num + 1
+            yield item
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def _escape_surrogates(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _read_hub(source: SourceConfig, max_record_bytes: int) -> Iterator[_Item]:
+    name = f"hub:{source.hub}:{source.hub_split}"
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        raise _error(source, name, "a Hub dataset needs the network, and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(source.hub, split=source.hub_split, streaming=True)
+        for line, row in enumerate(stream, 1):
+            yield _row_item(name, line, row, max_record_bytes)
+    except SourceError:
+        raise
+    except Exception as exc:  # offline, unknown id, gated: all mean the source is unusable
+        raise _error(source, name, f"cannot load the Hub dataset: {type(exc).__name__}: {exc}") from None
+
+
+_READERS: dict[str, Callable[[SourceConfig, Path, int], Iterator[_Item]]] = {
+    "json": _read_json, "parquet": _read_parquet, "csv": _read_csv,
+}
+
+
+def _files(source: SourceConfig) -> list[str]:
+    return [f"hub:{source.hub}:{source.hub_split}"] if source.hub else [str(p) for p in source_files(source)]
+
+
+def _read_file(source: SourceConfig, file: str, max_record_bytes: int) -> Iterator[_Item]:
+    if source.hub:
+        return _read_hub(source, max_record_bytes)
+    path = Path(file)
+    return _READERS[FILE_KINDS[path.suffix.lower()]](source, path, max_record_bytes)
+
+
+# --------------------------------------------------------------------------- one source
+
+
+def _vote(source: SourceConfig, files: list[str], max_record_bytes: int) -> Counter:
+    votes: Counter = Counter()
+    for file in files:
+        for item in islice(_read_file(source, file, max_record_bytes), DETECT_SAMPLE):
+            if item.error is None:
+                votes[detect_format(item.obj) or "unknown"] += 1
+    return votes
+
+
+def _describe_keys(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return f"a record with keys {sorted(obj)[:12]}"
+    return f"a JSON {type(obj).__name__}"
+
+
+def read_source(source: SourceConfig, *, max_record_bytes: int,
+                log: Callable[[str], None] | None = None) -> SourceResult:
+    """Read one source into normalized records and quarantine rows (see the module docstring)."""
+    files = _files(source)
+    votes: Counter = Counter()
+    fmt: str | None = None if source.format == "auto" else source.format
+    if source.format == "auto":
+        votes = _vote(source, files, max_record_bytes)
+        known = Counter({k: v for k, v in votes.items() if k in FORMATS})
+        fmt = known.most_common(1)[0][0] if known else None
+        chosen = (f"{fmt} ({known[fmt]} of {sum(votes.values())} sampled records)" if fmt
+                  else f"no known format in {sum(votes.values())} sampled records")
+    else:
+        chosen = f"{fmt} (set in the profile)"
+    if log:
+        log(f"source {source.name}: format {chosen}")
+
+    records: list[dict] = []
+    quarantine: list[dict] = []
+    per_file = {f: {"read": 0, "kept": 0, "quarantined": 0} for f in files}
+    reasons: Counter = Counter()
+    read = 0
+
+    def reject(item: _Item, field_name: str | None, reason: str) -> None:
+        quarantine.append({"source": source.name, "source_file": item.file, "source_line": item.line,
+                           "field": field_name, "reason": reason, "raw": item.raw})
+        per_file[item.file]["quarantined"] += 1
+        # a short key per kind of problem for the summary; the row keeps the full reason
+        kind = re.sub(r"\d+", "N", reason.split(":")[0].split(" (")[0])
+        reasons[f"{field_name}: " * bool(field_name) + kind] += 1
+
+    for file in files:
+        for item in _read_file(source, file, max_record_bytes):
+            if source.max_records is not None and read >= source.max_records:
+                break
+            read += 1
+            per_file[file]["read"] += 1
+            if item.error is not None:
+                reject(item, None, item.error)
+                continue
+            if fmt is None:
+                reject(item, None, f"unknown format: no known format fits {_describe_keys(item.obj)}")
+                continue
+            looks_like = detect_format(item.obj) if source.format == "auto" else None
+            if looks_like is not None and looks_like != fmt:
+                reject(item, None, f"wrong format: record looks like {looks_like}, the source's format is {fmt}")
+                continue
+            try:
+                messages = to_messages(item.obj, fmt)
+            except RecordError as exc:
+                reject(item, exc.field, exc.reason)
+                continue
+            records.append({"id": record_id(messages), "source": source.name, "format": fmt,
+                            "source_file": item.file, "source_line": item.line, "license": source.license,
+                            "messages": messages, "original": item.raw})
+            per_file[file]["kept"] += 1
+        if source.max_records is not None and read >= source.max_records:
+            break
+
+    counts = {"read": read, "kept": len(records), "quarantined": len(quarantine), "format": fmt,
+              "format_chosen": chosen, "format_votes": dict(votes), "license": source.license,
+              "reasons": dict(reasons), "files": per_file}
+    _reconcile(source.name, counts)
+    if log:
+        log(f"source {source.name}: read {read}, kept {len(records)}, quarantined {len(quarantine)}")
+    return SourceResult(source.name, fmt, records, quarantine, counts)
+
+
+def _reconcile(name: str, counts: dict) -> None:
+    """read == kept + quarantined, for the source and each file: a bug here would lose records."""
+    parts = [("all files", counts)] + list(counts["files"].items())
+    for where, c in parts:
+        if c["read"] != c["kept"] + c["quarantined"]:
+            raise AssertionError(f"source {name!r} {where}: read {c['read']} != kept {c['kept']} "
+                                 f"+ quarantined {c['quarantined']}")
+
+
+# --------------------------------------------------------------------------- all sources
+
+
+def ingest(sources: list[SourceConfig], *, max_record_bytes: int,
+           log: Callable[[str], None] | None = None) -> IngestResult:
+    """Read every source; a SourceError from any of them stops the stage."""
+    records: list[dict] = []
+    quarantine: list[dict] = []
+    per_source: dict[str, dict] = {}
+    for source in sources:
+        result = read_source(source, max_record_bytes=max_record_bytes, log=log)
+        records += result.records
+        quarantine += result.quarantine
+        per_source[source.name] = result.counts
+    totals = {key: sum(c[key] for c in per_source.values()) for key in ("read", "kept", "quarantined")}
+    return IngestResult(records, quarantine, per_source, totals)
+
+
+def _arrow(rows: list[dict], schema: pa.Schema, chunk: int = 8192) -> pa.Table:
+    """Convert in chunks: one from_pylist over the whole corpus needs several times its size."""
+    batches = [pa.RecordBatch.from_pylist(rows[i:i + chunk], schema=schema) for i in range(0, len(rows), chunk)]
+    return pa.Table.from_batches(batches, schema=schema)
+
+
+def write_raw_corpus(result: IngestResult, out_dir: Path) -> dict:
+    """Write records.parquet and quarantine.parquet; return the counts for the manifest."""
+    out_dir = Path(out_dir)
+    kept = write_table(out_dir / "records.parquet", _arrow(result.records, RECORD_SCHEMA), RECORD_SCHEMA)
+    quarantined = write_table(out_dir / "quarantine.parquet", _arrow(result.quarantine, QUARANTINE_SCHEMA),
+                              QUARANTINE_SCHEMA)
+    if (kept, quarantined) != (result.totals["kept"], result.totals["quarantined"]):
+        raise AssertionError(f"wrote {kept} records and {quarantined} quarantine rows, "
+                             f"expected {result.totals['kept']} and {result.totals['quarantined']}")
+    return {"read": result.totals["read"], "kept": kept, "quarantined": quarantined,
+            "per_source": result.per_source}
