@@ -4,7 +4,6 @@ Each asset launches its stage out of process (refinery.runner through Dagster Pi
 what the UI should show: plots, lineage, checks that the artifact on disk is intact.
 """
 
-from __future__ import annotations
 
 import csv
 
