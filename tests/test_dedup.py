@@ -1,0 +1,204 @@
+"""Exact + MinHash LSH dedup on real instruction data from the shared data directory."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from refinery.config import DedupConfig, resolve_path
+from refinery.dedup import (DedupIndex, MinHasher, ShingleHasher, exact_jaccard, find_duplicates,
+                            lsh_params, normalize_many, normalize_text)
+
+DATA = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}")
+
+
+@pytest.fixture(scope="module")
+def english() -> list[str]:
+    path = DATA / "llamafactory_demo" / "alpaca_en_demo.json"
+    assert path.exists(), f"shared data missing: {path}"
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows]
+    # the demo file has a few exact duplicates of its own; keep one of each so planted pairs are the only ones
+    seen, out = set(), []
+    for t in texts:
+        if normalize_text(t) not in seen and len(t) > 200:
+            seen.add(normalize_text(t))
+            out.append(t)
+    return out
+
+
+def mutate(text: str, fraction: float, rng: random.Random) -> str:
+    """Replace, delete or insert about `fraction` of the words."""
+    words = text.split(" ")
+    for _ in range(max(1, round(len(words) * fraction))):
+        i = rng.randrange(len(words))
+        op = rng.random()
+        if op < 0.5:
+            words[i] = rng.choice(["alpha", "beta", "gamma", "delta"])
+        elif op < 0.75 and len(words) > 2:
+            del words[i]
+        else:
+            words.insert(i, rng.choice(["very", "really", "quite"]))
+    return " ".join(words)
+
+
+def char_jaccard(a: str, b: str, n: int = 5) -> float:
+    """Reference: Python sets of the real n-gram strings."""
+    sa = {a[i:i + n] for i in range(len(a) - n + 1)} or {a}
+    sb = {b[i:i + n] for i in range(len(b) - n + 1)} or {b}
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_normalize_text():
+    assert normalize_text("  Hello,  WORLD!\n\tIt's  fine. ") == "hello world its fine"
+    assert normalize_text("Price: $5 + 3 = 8?") == "price $5 + 3 = 8"  # symbols and digits stay
+    assert normalize_text("“Ｆｕｌｌ” width — ok…") == "full width ok"  # NFKC, Unicode punctuation
+    assert normalize_text("") == ""
+    texts = ["A, b", "Ünïcode « ok »", "x\u00a0\u00a0y", "你好，世界！"]
+    assert normalize_many(texts) == [normalize_text(t) for t in texts] == ["a b", "ünïcode ok", "x y", "你好世界"]
+
+
+def test_ascii_fast_path_matches_unicode_path(english):
+    from refinery.dedup import _normalize_ascii_batch, _normalize_unicode_batch
+
+    texts = [t for t in english[:300] if t.isascii()] + [" ", "", "\t\x1fA\v", "..", " x  y ", "a\r\n\r\nB!"]
+    assert _normalize_ascii_batch(texts) == _normalize_unicode_batch(texts)
+
+
+def test_shingle_hashes_are_exact_jaccard(english):
+    rng = random.Random(1)
+    norm = normalize_many(english[:60])
+    texts = norm + [mutate(t, rng.uniform(0.01, 0.3), rng) for t in norm] + ["abc", ""]
+    pairs = np.array([(i, i + 60) for i in range(60)] + [(0, 1), (2, 3), (120, 0), (121, 120)])
+    got = exact_jaccard(ShingleHasher("char", 5), texts, pairs)
+    want = [char_jaccard(texts[a], texts[b]) for a, b in pairs]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    # word shingles: the same span hash for the same words anywhere in a batch
+    words = ShingleHasher("word", 2)
+    h1, d1 = words.hashes(["a b c", "x a b"])
+    assert list(d1) == [0, 0, 1, 1] and h1[0] == h1[3] and len(set(h1.tolist())) == 3
+
+
+def test_minhash_estimates_jaccard(english):
+    rng = random.Random(2)
+    norm = normalize_many(english[:200])
+    texts = norm + [mutate(t, rng.uniform(0.01, 0.2), rng) for t in norm]
+    pairs = np.array([(i, i + 200) for i in range(200)])
+    true = exact_jaccard(ShingleHasher("char", 5), texts, pairs)
+    sig = MinHasher(128).signatures(texts)
+    estimate = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
+    assert abs(float((estimate - true).mean())) < 0.02  # unbiased
+    assert float(np.abs(estimate - true).mean()) < 0.05
+    assert (MinHasher(128).signatures(texts[:5]) == sig[:5]).all()  # deterministic for a seed
+
+
+def test_planted_near_duplicates_found_and_verified(english):
+    rng = random.Random(3)
+    base = english[:400]
+    texts, ids, planted = list(base), [f"r{i}" for i in range(len(base))], {}
+    for i in range(0, 400, 4):  # 100 near duplicates, 1-5% of the words changed
+        texts.append(mutate(base[i], rng.uniform(0.01, 0.05), rng))
+        ids.append(f"near{i}")
+        planted[f"near{i}"] = f"r{i}"
+    for i in range(1, 400, 20):  # 20 exact duplicates up to case, whitespace and punctuation
+        texts.append(base[i].upper().replace(". ", " . ").replace(",", ""))
+        ids.append(f"exact{i}")
+    cfg = DedupConfig()
+    result = find_duplicates(ids, texts, cfg)
+    status = dict(zip(ids, result.status))
+    norm = normalize_many(texts)
+    should = {rid for rid, orig in planted.items()
+              if char_jaccard(norm[ids.index(rid)], norm[ids.index(orig)]) >= cfg.threshold}
+    assert len(should) >= 90  # char 5-grams keep 1-5% word edits above 0.8
+    found = {rid for rid in planted if status[rid] == "near_duplicate"}
+    assert should <= found
+    assert all(status[f"exact{i}"] == "exact_duplicate" for i in range(1, 400, 20))
+    assert all(status[f"r{i}"] == "kept" for i in range(400))  # originals come first and stay
+    # every removal is verified: its exact Jaccard with the record it duplicates is >= threshold
+    for rid, of, s in zip(ids, result.duplicate_of, result.similarity):
+        if status[rid] == "near_duplicate":
+            assert of == planted[rid]
+            assert s >= cfg.threshold
+            assert s == pytest.approx(char_jaccard(norm[ids.index(rid)], norm[ids.index(of)]))
+    # clusters: one row per removed record, pointing at a kept record
+    removed = [c["removed_id"] for c in result.clusters]
+    assert sorted(removed) == sorted(r for r in ids if status[r] != "kept")
+    assert all(status[c["kept_id"]] == "kept" for c in result.clusters)
+    assert len(result.index) == result.status.count("kept")
+
+
+def test_verification_rejects_false_candidates(english):
+    rng = random.Random(4)
+    base = normalize_many(english[:100])
+    texts = base + [mutate(t, 0.04, rng) for t in base]
+    # Pairs near 0.8-0.9 collide in LSH easily; a 0.97 threshold makes most of them false candidates.
+    cfg = DedupConfig(threshold=0.97)
+    result = find_duplicates([str(i) for i in range(len(texts))], texts, cfg, normalized=True)
+    assert result.stats["rejected_candidates"] > 10
+    true = exact_jaccard(ShingleHasher(), texts, np.array([(i, i + 100) for i in range(100)]))
+    for i in range(100):
+        assert (result.status[100 + i] == "near_duplicate") == (true[i] >= 0.97)
+
+
+def test_incremental_against_saved_index(english, tmp_path):
+    rng = random.Random(5)
+    cfg = DedupConfig()
+    first = english[:300]
+    r1 = find_duplicates([f"a{i}" for i in range(300)], first, cfg)
+    r1.index.save(tmp_path / "index")
+    loaded = DedupIndex.load(tmp_path / "index", cfg)
+    assert loaded.ids == r1.index.ids and (loaded.bands == r1.index.bands).all()
+    second = [mutate(first[i], 0.02, rng) for i in range(0, 30)] + [first[40]] + english[300:400]
+    ids2 = [f"b{i}" for i in range(len(second))]
+    r2 = find_duplicates(ids2, second, cfg, loaded)
+    s2 = dict(zip(ids2, r2.status))
+    assert s2["b30"] == "exact_duplicate" and r2.duplicate_of[30] == "a40"
+    cross = [i for i in range(30) if r2.status[i] == "near_duplicate"]
+    assert len(cross) >= 27 and all(r2.duplicate_of[i] == f"a{i}" for i in cross)
+    assert all(s == "kept" for s in r2.status[31:])
+    assert len(r2.index) == 300 + r2.status.count("kept")
+    # another shingling: the stored normalized text rebuilds the band keys
+    word_cfg = DedupConfig(shingle="word", ngram=2)
+    rebuilt = DedupIndex.load(tmp_path / "index", word_cfg)
+    assert rebuilt.params["shingle"] == "word"
+    r3 = find_duplicates(["c0"], [mutate(first[7], 0.01, rng)], word_cfg, rebuilt)
+    assert r3.status == ["near_duplicate"] and r3.duplicate_of == ["a7"]
+
+
+def test_lsh_params_from_datasketch():
+    from datasketch.lsh import _optimal_param
+
+    assert lsh_params(0.8, 128, 0.5) == _optimal_param(0.8, 128, 0.5, 0.5)
+    b, r = lsh_params(0.8, 128, 0.95)
+    assert b * r <= 128 and 1 - (1 - 0.8 ** r) ** b > 0.9
+
+
+def test_cli(tmp_path, english):
+    rng = random.Random(6)
+    src = tmp_path / "in.jsonl"
+    texts = english[:40] + [mutate(english[0], 0.02, rng), english[1].upper()]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    proc = subprocess.run([sys.executable, "-m", "refinery.dedup", str(src), "--out", str(out),
+                           "--profile", "smoke", "--threshold", "0.8", "--save-index", str(tmp_path / "idx")],
+                          capture_output=True, text=True, check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["records"] == 42 and summary["near_duplicates"] == 1 and summary["exact_duplicates"] == 1
+    table = pq.read_table(out)
+    assert table.num_rows == 42 and table["status"].to_pylist()[-2:] == ["near_duplicate", "exact_duplicate"]
+    # second file against the saved index
+    src2 = tmp_path / "in2.jsonl"
+    src2.write_text(json.dumps({"messages": [{"role": "user", "content": english[5]}]}) + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "refinery.dedup", str(src2), "--existing", str(tmp_path / "idx")],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["exact_duplicates"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n', encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "refinery.dedup", str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0 and f"{bad}:2" in proc.stderr and "'text'" in proc.stderr

@@ -1,0 +1,166 @@
+"""qlora_model through real axolotl on the smoke profile's tiny Llama: split, config, a run killed
+after its first checkpoint that resumes when re-run, and outputs that transformers/peft load."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from refinery import base_model, train
+from refinery.artifacts import latest, load_artifact, staged_artifact
+from refinery.config import PROJECT_ROOT, load_profile, resolve_path
+from refinery.records import KEPT_SCHEMA, read_table, record_id, write_table
+
+TRAIN_PYTHON = PROJECT_ROOT / ".venv-train" / "bin" / "python"
+
+
+def kept_rows(n: int) -> list[dict]:
+    """Real English instruction records from the shared data, as deduped_corpus keeps them."""
+    data = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}") / "llamafactory_demo" / "alpaca_en_demo.json"
+    rows = []
+    for i, rec in enumerate(json.loads(data.read_text(encoding="utf-8"))[:n]):
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+        rows.append({"id": record_id(messages), "source": "alpaca_en_demo", "format": "alpaca",
+                     "source_file": str(data), "source_line": i + 1, "license": "CC-BY-NC-4.0",
+                     "messages": messages, "original": json.dumps(rec), "lang": "en",
+                     "lang_score": 1.0, "p_en": 1.0})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def inputs(home):
+    profile = load_profile("smoke")
+    base = base_model.build(profile, home=home, log=lambda _: None)
+    with staged_artifact("deduped_corpus", home=home) as st:
+        write_table(st.path / "kept.parquet", kept_rows(120), KEPT_SCHEMA)
+    return {"base_model": base, "deduped_corpus": load_artifact(st.path)}
+
+
+def test_split_is_deterministic_and_disjoint(inputs, tmp_path):
+    kept = inputs["deduped_corpus"].path / "kept.parquet"
+    a = train.split_corpus(kept, tmp_path / "a", val_fraction=0.1, seed=7)
+    b = train.split_corpus(kept, tmp_path / "b", val_fraction=0.1, seed=7)
+    assert a == b == {"train": 108, "val": 12}
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    ids = {s: {json.loads(x)["id"] for x in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()}
+           for s in ("train", "val")}
+    assert not ids["train"] & ids["val"]
+    assert ids["train"] | ids["val"] == set(read_table(kept).column("id").to_pylist())
+    first = json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    c = train.split_corpus(kept, tmp_path / "c", val_fraction=0.1, seed=8, max_train_records=20)
+    assert c == {"train": 20, "val": 12}
+
+
+def test_axolotl_config_for_cpu_and_for_the_8b_plan(tmp_path):
+    seed = load_profile("llama31-8b").train
+    paths = dict(base_model=tmp_path / "m", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "v.jsonl",
+                 output_dir=tmp_path / "out", pad_token="<pad>")
+    gpu = train.axolotl_config(seed, gpu=True, **paths)
+    assert (gpu["load_in_4bit"], gpu["adapter"], gpu["lora_r"], gpu["learning_rate"]) == (True, "qlora", 64, 5e-6)
+    assert (gpu["num_epochs"], gpu["micro_batch_size"], gpu["early_stopping_patience"]) == (3, 4, 3)
+    assert gpu["gradient_accumulation_steps"] > 1 and gpu["sample_packing"] is True
+    assert gpu["val_set_size"] == 0 and gpu["test_datasets"][0]["path"].endswith("v.jsonl")
+    assert "lora_mlp_kernel" not in gpu
+    cpu = train.axolotl_config(seed, gpu=False, **paths)
+    assert all(cpu[k] is False for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
+                                         "lora_embedding_kernel", "flash_attention"))
+    assert "refinery.bnb_cpu.BnbCpuPlugin" in cpu["plugins"]
+    assert cpu["attn_implementation"] == "sdpa"  # isolates packed samples on CPU
+
+
+def _smoke_profile(tmp_path: Path) -> Path:
+    raw = yaml.safe_load((PROJECT_ROOT / "profiles" / "smoke.yaml").read_text())
+    # enough steps after the first checkpoint that the kill lands mid-training
+    raw["train"].update(max_steps=8, save_steps=2, eval_steps=2, max_train_records=96)
+    path = tmp_path / "smoke-train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _runner(python: str, profile: Path, inputs: dict, home: Path) -> list[str]:
+    return [python, "-m", "refinery.runner", "refinery.train", "--profile", str(profile),
+            "--input", f"base_model={inputs['base_model'].path}",
+            "--input", f"deduped_corpus={inputs['deduped_corpus'].path}"]
+
+
+def test_killed_run_resumes_and_outputs_load(inputs, home, tmp_path):
+    assert TRAIN_PYTHON.exists(), f"{TRAIN_PYTHON} missing: create the trainer environment first"
+    profile = _smoke_profile(tmp_path)
+    env = {**os.environ, "REFINERY_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+
+    # 1) run in a process group of its own, kill it (and axolotl) once a checkpoint is complete
+    first = subprocess.Popen(_runner(sys.executable, profile, inputs, home), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    checkpoint = None
+    while time.monotonic() < deadline and first.poll() is None:
+        found = sorted(home.glob("work/qlora_model/*/out/checkpoint-*/trainer_state.json"))
+        if found:
+            time.sleep(0.5)  # let the trainer finish writing this checkpoint's last files
+            checkpoint = found[0].parent
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, f"training ended (code {first.returncode}) before it could be killed"
+    assert checkpoint is not None, "no checkpoint within 240 s"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert latest("qlora_model", home) is None, "a killed run must not publish an artifact"
+    assert not list((home / "artifacts" / "qlora_model").glob(".staging-*"))
+
+    # 2) re-materialize, this time from inside the trainer's environment (as the Dagster asset does)
+    second = subprocess.run(_runner(str(TRAIN_PYTHON), profile, inputs, home), env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    art = latest("qlora_model", home)
+    m = art.manifest["metrics"]
+    assert m["resumed_from_step"] >= 2, "the second run started from scratch"
+    assert m["steps"] == 8 and m["early_stopped"] is False
+    assert art.path.joinpath("axolotl.log").read_text().count("CPU repacking disabled on 14 Linear4bit") >= 1
+
+    # losses: every step has a train loss; validation at every eval step; tokens grow
+    with open(art.path / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_steps = [int(r["step"]) for r in rows if r["split"] == "train"]
+    assert train_steps == list(range(1, 9))
+    assert {int(r["step"]) for r in rows if r["split"] == "val"} >= {2, 4, 6, 8}
+    tokens = [int(r["tokens"]) for r in rows if r["split"] == "train"]
+    assert tokens == sorted(tokens) and tokens[-1] == m["tokens_seen"] > 0
+    assert m["tokens_per_second"] > 0 and m["gpu_estimate"]["gpu_hours"] > 0
+    assert m["perplexity"] > 1 and m["parameters"] > 0 and m["peak_rss_bytes"] > 0
+
+    cfg = yaml.safe_load((art.path / "axolotl.yaml").read_text())
+    assert cfg["load_in_4bit"] is True and cfg["adapter"] == "qlora" and cfg["max_steps"] == 8
+
+    # the adapter on the un-quantized base computes what the merged model computes
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = inputs["base_model"].path / "model"
+    ids = torch.arange(5, 37).unsqueeze(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        peft_logits = PeftModel.from_pretrained(base, art.path / "adapter").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(art.path / "model", dtype=torch.float32).eval()
+        merged_logits = merged(ids).logits
+    assert not torch.allclose(peft_logits, base_logits), "training changed nothing"
+    torch.testing.assert_close(merged_logits, peft_logits, rtol=1e-3, atol=1e-3)
+    assert art.verify() == []
