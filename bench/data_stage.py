@@ -158,7 +158,7 @@ def naive_reference(texts: list[str], cfg: DedupConfig) -> dict:
     from refinery.dedup import lsh_params
 
     b, r = lsh_params(cfg.threshold, cfg.num_perm, cfg.false_negative_weight)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lsh = MinHashLSH(num_perm=cfg.num_perm, params=(b, r))
     removed = 0
     n = cfg.ngram
@@ -175,35 +175,65 @@ def naive_reference(texts: list[str], cfg: DedupConfig) -> dict:
             removed += 1
         else:
             lsh.insert(str(i), m)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"records": len(texts), "seconds": round(seconds, 3), "records_per_second": round(len(texts) / seconds, 1),
-            "removed": removed}
+            "cpu_records_per_second": round(len(texts) / cpu, 1), "removed": removed}
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_stage(args) -> dict:
-    profile = load_profile(args.profile)
-    dcfg = profile.dedup
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    table, truth, is_zh = build_corpus(args.records, args.seed)
-    build_s = time.perf_counter() - t0
-    rss_after_build = peak_rss_bytes()
+def stage_child(args) -> dict:
+    """The stage alone in a fresh process, so its peak RSS is its own (not the corpus builder's)."""
+    import pyarrow.parquet as pq
 
+    from refinery.curate import write_deduped_corpus
+
+    profile = load_profile(args.profile)
+    table = pq.read_table(args.stage_input)
     t0, c0 = time.perf_counter(), time.process_time()
     result = curate(table, profile)
     stage_s, stage_cpu = time.perf_counter() - t0, time.process_time() - c0
-    load_after = os.getloadavg()
-    peak = peak_rss_bytes()
+    del table
+    t1 = time.perf_counter()
+    write_deduped_corpus(result, Path(args.stage_output))
+    return {"stage_seconds": stage_s, "stage_cpu_seconds": stage_cpu, "write_seconds": time.perf_counter() - t1,
+            "peak_rss_bytes": peak_rss_bytes(), "stats": result.stats, "counts": result.counts}
 
+
+def run_stage(args) -> dict:
+    import subprocess
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    profile = load_profile(args.profile)
+    dcfg = profile.dedup
+    t0 = time.perf_counter()
+    table, truth, is_zh = build_corpus(args.records, args.seed)
+    build_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(table, Path(tmp) / "records.parquet")
+        load_before = os.getloadavg()
+        proc = subprocess.run([sys.executable, __file__, "--profile", args.profile,
+                               "--stage-input", str(Path(tmp) / "records.parquet"),
+                               "--stage-output", str(Path(tmp) / "out")], capture_output=True, text=True)
+        load_after = os.getloadavg()
+        if proc.returncode != 0:
+            raise SystemExit(f"stage process failed:\n{proc.stderr}")
+        child = json.loads(proc.stdout)
+        rej = pq.read_table(Path(tmp) / "out" / "rejected.parquet", columns=["id", "reason", "duplicate_of"])
+    stage_s, stage_cpu, peak = child["stage_seconds"], child["stage_cpu_seconds"], child["peak_rss_bytes"]
+
+    class _Result:  # what the evaluation below reads
+        stats, counts = child["stats"], child["counts"]
+
+    result = _Result()
     ids = table["id"].to_pylist()
     row_of = {rid: i for i, rid in enumerate(ids)}
     reason = {rid: None for rid in ids}
     dup_of = {}
-    rej = result.rejected
     for rid, why, of in zip(rej["id"].to_pylist(), rej["reason"].to_pylist(), rej["duplicate_of"].to_pylist()):
         reason[rid] = why
         dup_of[rid] = of
@@ -257,20 +287,28 @@ def run_stage(args) -> dict:
         "records": len(ids), "profile": profile.name, "cpu_count": os.cpu_count(),
         "loadavg_before": load_before, "loadavg_after": load_after,
         "build_corpus_seconds": round(build_s, 2),
-        "stage_seconds": round(stage_s, 2),
+        "stage_seconds": round(stage_s, 2), "write_seconds": round(child["write_seconds"], 2),
         "stage_records_per_second": round(len(ids) / stage_s, 1),
         "stage_cpu_seconds": round(stage_cpu, 2),  # this process's CPU time: what the wall time would be alone on a core
         "langid": {"seconds": round(secs["langid"], 2), "records_per_second": round(len(ids) / secs["langid"], 1),
+                   "cpu_seconds": round(result.stats["cpu_seconds"]["langid"], 2),
+                   "cpu_records_per_second": round(len(ids) / result.stats["cpu_seconds"]["langid"], 1),
                    **{k: round(v, 4) for k, v in lang.items()}, "text": profile.langid.text,
                    "max_chars": profile.langid.max_chars},
         "dedup": {"records_in": dedup_in, "seconds": round(secs["dedup"], 2),
                   "exact_seconds": round(dstats["seconds"]["exact"], 2),
                   "near_seconds": round(near_s, 2),
-                  "near_records_per_second": round(dedup_in / near_s, 1),
+                  "near_records_per_second": round(dedup_in / near_s, 1),  # signatures + LSH + verify
+                  "near_cpu_seconds": round(dstats["cpu_seconds"]["near"], 2),
+                  "near_cpu_records_per_second": round(dedup_in / dstats["cpu_seconds"]["near"], 1),
+                  "normalize_cpu_seconds": round(result.stats["cpu_seconds"]["normalize"], 2),
+                  "exact_cpu_seconds": round(dstats["cpu_seconds"]["exact"], 2),
                   "dedup_records_per_second": round(dedup_in / secs["dedup"], 1),
                   "breakdown_seconds": {k: round(v, 2) for k, v in dstats["seconds"].items()},
                   "bands": dstats["bands"], "rows": dstats["rows"],
-                  "candidate_pairs": dstats["candidate_pairs"], "verified_pairs": dstats["verified_pairs"],
+                  "normalize_seconds": round(secs["normalize"], 2),
+                  "candidate_pairs": dstats["candidate_pairs"], "prefiltered_pairs": dstats["prefiltered_pairs"],
+                  "verified_pairs": dstats["verified_pairs"],
                   "shingle": dcfg.shingle, "ngram": dcfg.ngram, "num_perm": dcfg.num_perm,
                   "threshold": dcfg.threshold, "batch_size": dcfg.batch_size},
         "quality": {"should_remove": len(should), "recall": round(recall, 4), "precision": round(precision, 4),
@@ -281,7 +319,9 @@ def run_stage(args) -> dict:
         "naive_reference": naive,
         "ours_on_naive_sample_records_per_second": round(ours_sample, 1),
         "speed_ratio_near_vs_naive": round((dedup_in / near_s) / naive["records_per_second"], 1),
-        "peak_rss_bytes": peak, "rss_after_building_corpus_bytes": rss_after_build,
+        "speed_ratio_near_vs_naive_cpu": round((dedup_in / dstats["cpu_seconds"]["near"])
+                                               / naive["cpu_records_per_second"], 1),
+        "stage_peak_rss_bytes": peak,
     }
 
 
@@ -335,8 +375,28 @@ def langid_grid(args) -> dict:
                        balanced_accuracy=round((en_ok / en_n + non_ok / non_n) / 2, 4),
                        records_per_second=round(n_texts / seconds, 1))
             out.append(row)
+    # case: lid.176 on upper-cased text (the ALL-CAPS rule in langid.clean_for_fasttext) and on
+    # text lower-cased first, at the chosen defaults
+    ident = LanguageIdentifier(LangIdConfig())
+    case = {}
+    for variant, change in (("as_is", str), ("upper_cased", str.upper), ("lower_cased", str.lower),
+                            ("upper_cased_without_rule", None)):
+        kept = rejected = n_en = n_non = 0
+        for is_en, records in sets.values():
+            texts = [langid_text(m, ident.cfg) for m in records]
+            if change is None:  # the raw model on upper-cased text, bypassing the rule
+                labs, probs = ident.model.predict([t.upper() for t in texts], k=5)
+                p_en = np.array([dict(zip(lab, pr)).get("__label__en", 0.0) for lab, pr in zip(labs, probs)])
+            else:
+                p_en = ident.classify_arrays([change(t) for t in texts])[2]
+            ok = ident.is_english(p_en) == is_en
+            if is_en:
+                kept, n_en = kept + int(ok.sum()), n_en + len(ok)
+            else:
+                rejected, n_non = rejected + int(ok.sum()), n_non + len(ok)
+        case[variant] = {"english_kept": round(kept / n_en, 4), "non_english_rejected": round(rejected / n_non, 4)}
     return {"sets": {k: {"english": v[0], "records": len(v[1])} for k, v in sets.items()}, "grid": out,
-            "loadavg": os.getloadavg()}
+            "case": case, "loadavg": os.getloadavg()}
 
 
 def shingle_grid(args) -> dict:
@@ -375,10 +435,14 @@ def main(argv=None) -> int:
     ap.add_argument("--precision-sample", type=int, default=3000)
     ap.add_argument("--langid-grid", action="store_true")
     ap.add_argument("--shingle-grid", action="store_true")
+    ap.add_argument("--stage-input", help=argparse.SUPPRESS)  # the child process of a benchmark run
+    ap.add_argument("--stage-output", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not DATA.exists():
         raise SystemExit(f"shared data directory not found: {DATA} (set REFINERY_SHARED_DATA)")
-    if args.langid_grid:
+    if args.stage_input:
+        result = stage_child(args)
+    elif args.langid_grid:
         result = langid_grid(args)
     elif args.shingle_grid:
         result = shingle_grid(args)

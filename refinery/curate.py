@@ -18,6 +18,7 @@ Rejected records keep every column plus the reason, ``duplicate_of``, ``similari
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refinery.config import Profile
-from refinery.dedup import DedupIndex, find_duplicates
+from refinery.dedup import DedupIndex, find_duplicates, normalize_many
 from refinery.langid import LanguageIdentifier
 from refinery.records import (CLUSTER_SCHEMA, KEPT_SCHEMA, MESSAGE_TYPE, RECORD_SCHEMA, REJECTED_SCHEMA,
                               record_id, write_table)
@@ -83,9 +84,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
 def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
            contaminated: dict[str, str] | None = None, log: Callable[[str], None] | None = None) -> CurateResult:
     """Language ID, decontamination, exact and near dedup of ``records`` (RECORD_SCHEMA)."""
-    import time
-
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     records = records.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
     n = records.num_rows
     ids = records["id"].to_pylist()
@@ -99,13 +98,19 @@ def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
     lcfg = profile.langid
     ident = LanguageIdentifier(lcfg)
     roles = ("user",) if lcfg.text == "user" else ("user", "assistant")
-    lang_texts = joined_text(messages, roles, " ", lcfg.max_chars)
-    labels, scores, p_en = ident.classify_arrays(lang_texts)
-    del lang_texts
+    labels: list[str] = []
+    scores_parts, p_en_parts = [], []
+    for lo in range(0, n, 50_000):
+        part = ident.classify_arrays(joined_text(messages.slice(lo, 50_000), roles, " ", lcfg.max_chars))
+        labels += part[0]
+        scores_parts.append(part[1])
+        p_en_parts.append(part[2])
+    scores = np.concatenate(scores_parts) if scores_parts else np.empty(0)
+    p_en = np.concatenate(p_en_parts) if p_en_parts else np.empty(0)
     english = ident.is_english(p_en)
     for i in np.flatnonzero(~english):
         reason[i] = "non_english"
-    t_lang = time.perf_counter()
+    t_lang, c_lang = time.perf_counter(), time.process_time()
 
     # 2. decontamination verdicts from the decontam step
     for i, rid in enumerate(ids):
@@ -119,8 +124,13 @@ def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
     todo = np.array([r is None for r in reason], bool)
     todo_idx = np.flatnonzero(todo)
     key_roles = ("user",) if dcfg.key == "prompt" else ("user", "assistant")
-    keys = joined_text(messages.take(pa.array(todo_idx)) if len(todo_idx) < n else messages, key_roles, "\n")
-    found = find_duplicates([ids[i] for i in todo_idx], keys, dcfg, index)
+    todo_messages = messages.take(pa.array(todo_idx, pa.int64())) if len(todo_idx) < n else messages
+    keys: list[str] = []
+    for lo in range(0, len(todo_idx), dcfg.batch_size):  # raw text lives one batch at a time
+        keys += normalize_many(joined_text(todo_messages.slice(lo, dcfg.batch_size), key_roles, "\n"))
+    del todo_messages
+    t_norm, c_norm = time.perf_counter(), time.process_time()
+    found = find_duplicates([ids[i] for i in todo_idx], keys, dcfg, index, normalized=True)
     del keys
     for k, i in enumerate(todo_idx):
         if found.status[k] != "kept":
@@ -160,8 +170,9 @@ def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
     length_percentiles = {s: _percentiles(lengths[kept_sources == s]) for s in per_source}
     t_end = time.perf_counter()
     stats = {"dedup": found.stats, "langid_model": str(ident.path),
-             "seconds": {"langid": t_lang - t0, "dedup": t_dedup - t_lang, "tables": t_end - t_dedup,
-                         "total": t_end - t0}}
+             "seconds": {"langid": t_lang - t0, "normalize": t_norm - t_lang, "dedup": t_dedup - t_lang,
+                         "tables": t_end - t_dedup, "total": t_end - t0},
+             "cpu_seconds": {"langid": c_lang - c0, "normalize": c_norm - c_lang, "total": time.process_time() - c0}}
     if log:
         log(f"curate: read {n}, kept {counts['kept']}, " + ", ".join(f"{r} {counts[r]}" for r in REASONS))
     return CurateResult(kept, rejected, clusters, counts, per_source, dict(Counter(labels).most_common()),

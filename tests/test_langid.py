@@ -46,6 +46,9 @@ def test_english_vs_chinese(ident, alpaca):
     assert np.mean([p.p_en >= cfg.min_score for p in en]) >= 0.97
     assert np.mean([p.p_en < cfg.min_score for p in zh]) >= 0.97
     assert np.mean([p.label in ("zh", "wuu", "yue", "ja") for p in zh]) >= 0.97
+    # ALL-CAPS English: lid.176 alone calls most of it non-English; the wrapper lower-cases it
+    shouting = ident.classify([langid_text(m, cfg).upper() for m in alpaca["en"]])
+    assert np.mean([p.p_en >= cfg.min_score for p in shouting]) >= 0.97
     for p in en + zh:
         assert 0.0 <= p.p_en <= 1.0 and 0.0 < p.score <= 1.0 and p.label
         if p.label == "en":
@@ -82,6 +85,8 @@ def test_fasttext_quirks_handled(ident):
     [pred] = ident.classify([text])
     assert pred.label == "en" and pred.p_en > 0.9
     assert ident.classify([""])[0].label == "und"
+    with pytest.raises(TypeError, match="list"):
+        ident.classify(text)  # a bare str would otherwise be classified letter by letter
 
 
 def test_langid_text_slices():
@@ -118,3 +123,4 @@ def test_cli(tmp_path, alpaca):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "refinery.langid", str(bad)], capture_output=True, text=True)
     assert proc.returncode != 0 and f"{bad}:2" in proc.stderr
+
