@@ -18,6 +18,7 @@ Rejected records keep every column plus the reason, ``duplicate_of``, ``similari
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,12 +30,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ValidationError
 
-from refinery.config import Profile
+from refinery.config import IngestConfig, Profile
 from refinery.dedup import DedupIndex, find_duplicates, normalize_many
+from refinery.formats import RecordError, detect_format, to_messages
+from refinery.ingest import SourceError, file_records
 from refinery.langid import LanguageIdentifier
-from refinery.records import (CLUSTER_SCHEMA, KEPT_SCHEMA, MESSAGE_TYPE, RECORD_SCHEMA, REJECTED_SCHEMA,
-                              record_id, write_table)
+from refinery.records import (CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, ROLES, record_id,
+                              write_table)
 
 REASONS = ("non_english", "contaminated", "exact_duplicate", "near_duplicate")
 INDEX_DIR = "dedup_index"
@@ -74,7 +78,7 @@ def joined_text(messages: pa.ChunkedArray | pa.Array, roles: Sequence[str], sep:
     return joined.to_pylist()
 
 
-def _percentiles(values: np.ndarray) -> dict[str, float]:
+def length_percentiles(values: np.ndarray) -> dict[str, float]:
     if len(values) == 0:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
     p = np.percentile(values, [50, 90, 99])
@@ -165,21 +169,21 @@ def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
         c["read"] += 1
         c[r or "kept"] += 1
     _reconcile(counts, per_source)
-    lengths = _chars(kept["messages"])
+    lengths = conversation_chars(kept["messages"])
     kept_sources = np.array(kept["source"].to_pylist(), dtype=object)
-    length_percentiles = {s: _percentiles(lengths[kept_sources == s]) for s in per_source}
+    percentiles = {s: length_percentiles(lengths[kept_sources == s]) for s in per_source}
     t_end = time.perf_counter()
     stats = {"dedup": found.stats, "langid_model": str(ident.path),
-             "seconds": {"langid": t_lang - t0, "normalize": t_norm - t_lang, "dedup": t_dedup - t_lang,
+             "seconds": {"langid": t_lang - t0, "normalize": t_norm - t_lang, "dedup": t_dedup - t_norm,
                          "tables": t_end - t_dedup, "total": t_end - t0},
              "cpu_seconds": {"langid": c_lang - c0, "normalize": c_norm - c_lang, "total": time.process_time() - c0}}
     if log:
         log(f"curate: read {n}, kept {counts['kept']}, " + ", ".join(f"{r} {counts[r]}" for r in REASONS))
     return CurateResult(kept, rejected, clusters, counts, per_source, dict(Counter(labels).most_common()),
-                        length_percentiles, found.index, stats)
+                        percentiles, found.index, stats)
 
 
-def _chars(messages: pa.ChunkedArray) -> np.ndarray:
+def conversation_chars(messages: pa.ChunkedArray) -> np.ndarray:
     """Characters per record, all turns together."""
     arr = messages.combine_chunks()
     per_message = pc.utf8_length(pc.list_flatten(arr).field("content")).to_numpy(zero_copy_only=False)
@@ -212,67 +216,97 @@ def write_deduped_corpus(result: CurateResult, out_dir: Path) -> dict[str, Any]:
             "index_records": len(result.index), "kept_english_share": english_share, "stats": result.stats}
 
 
-# ------------------------------------------------------------------------------------ CLI input
+# ------------------------------------------------------------------------------------ CLIs
+
+
+CLI_INPUT_HELP = ("JSONL, JSON, Parquet or CSV: normalized records ('messages'), 'text' rows or records of any "
+                  "of the six instruction formats")
 
 
 class InputError(ValueError):
     """Input a CLI cannot use; the message names the file, the line and the field."""
 
 
-def read_input(path: Path) -> pa.Table:
-    """JSONL or Parquet with normalized records (``messages``) or a ``text`` column.
+def read_input(path: Path, *, max_record_bytes: int = IngestConfig().max_record_bytes) -> pa.Table:
+    """A file of records for the langid and dedup CLIs, as RECORD_SCHEMA rows.
 
-    A ``text`` row becomes a one-turn user record. Missing ids are computed (records.record_id);
-    other columns are kept as they are.
+    Any file ingest reads (JSON lines, JSON array, Parquet, CSV). A record is a normalized one
+    (``messages`` of system/user/assistant turns, kept as they are, answered or not), a ``text``
+    (one user turn), or a record of one of the six instruction formats (refinery.formats, detected
+    per record). The first record that is none of these stops the read with an InputError naming
+    its file, line and field: a CLI summary over part of a file would be misleading.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        if "messages" not in table.column_names and "text" not in table.column_names:
-            raise InputError(f"{path}: needs a 'messages' or a 'text' column, has {table.column_names}")
-        rows = table.to_pylist()
-        where = lambda i: f"{path}: row {i + 1}"  # noqa: E731
-    else:
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{path}:{line_no}: a record is a JSON object, got {type(obj).__name__}")
-                obj["__line"] = line_no
-                rows.append(obj)
-        where = lambda i: f"{path}:{rows[i]['__line']}"  # noqa: E731
+    try:
+        items = list(file_records(Path(path), max_record_bytes=max_record_bytes))
+    except SourceError as exc:
+        raise InputError(str(exc)) from None
     out = []
-    for i, row in enumerate(rows):
-        messages = row.get("messages")
-        if messages is None:
-            text = row.get("text")
-            if not isinstance(text, str):
-                raise InputError(f"{where(i)}: field 'text' (or 'messages') missing or not a string")
-            messages = [{"role": "user", "content": text}]
-        elif not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise InputError(f"{where(i)}: field 'messages' must be a list of {{role, content}} strings")
+    for item in items:
+        where = f"{item.file}:{item.line}"
+        if item.error is not None:
+            raise InputError(f"{where}: {item.error}")
+        row = item.obj
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: a record is a JSON object, got {type(row).__name__}")
+        if _is_normalized(row.get("messages")):
+            messages, fmt = row["messages"], "normalized"
+        elif "text" in row and "messages" not in row:
+            if not isinstance(row["text"], str):
+                raise InputError(f"{where}: field 'text': expected a string, got {type(row['text']).__name__}")
+            messages, fmt = [{"role": "user", "content": row["text"]}], "text"
+        else:
+            fmt = detect_format(row)
+            if fmt is None:
+                raise InputError(f"{where}: no 'messages', no 'text' and no known format fits the keys "
+                                 f"{sorted(row)[:12]}")
+            try:
+                messages = to_messages(row, fmt)
+            except RecordError as exc:
+                raise InputError(f"{where}: {fmt} record: " + (f"field '{exc.field}': " if exc.field else "")
+                                 + exc.reason) from None
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         out.append({
-            "id": row.get("id") or record_id(messages),
-            "source": row.get("source") or path.stem,
-            "format": row.get("format") or ("text" if "messages" not in row else "normalized"),
-            "source_file": row.get("source_file") or str(path),
-            "source_line": row.get("source_line") or row.get("__line") or i + 1,
+            "id": str(row.get("id") or record_id(messages)),
+            "source": row.get("source") or Path(path).stem,
+            "format": row.get("format") or fmt,
+            "source_file": row.get("source_file") or item.file,
+            "source_line": row.get("source_line") or item.line,
             "license": row.get("license") or "unknown",
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "original": row.get("original") or json.dumps({k: v for k, v in row.items() if k != "__line"},
-                                                          ensure_ascii=False, default=str),
+            "messages": messages,
+            "original": row.get("original") or item.raw,
         })
     return pa.Table.from_pylist(out, schema=RECORD_SCHEMA)
+
+
+def _is_normalized(messages: Any) -> bool:
+    return isinstance(messages, list) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)
+
+
+def config_with_flags(cfg: BaseModel, flags: dict[str, Any]) -> BaseModel:
+    """``cfg`` with the command-line flags that were given (not None), validated like a profile; an
+    InputError names the flag (``--num-perm``), not the config field."""
+    try:
+        return type(cfg).model_validate({**cfg.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    except ValidationError as exc:
+        raise InputError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')} {e['input']!r}: {e['msg']}"
+                                   for e in exc.errors())) from None
+
+
+def run_cli(work: Callable[[], dict[str, Any]]) -> int:
+    """Run a CLI: its JSON summary on stdout (exit 0), or one error on stderr (exit 2).
+
+    Bad input, a bad flag value, a missing model or index file are the user's to fix, so they get
+    a message, not a traceback.
+    """
+    try:
+        summary = work()
+    except (ValueError, OSError) as exc:  # InputError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
 
 
 def write_cli_output(table: pa.Table, out: Path) -> None:

@@ -416,7 +416,8 @@ class DedupIndex:
 
     Stored as ``index.parquet`` (id, exact hash, band keys, normalized text) and ``index.json``
     (parameters). Band keys depend on the shingling, num_perm, bands/rows and seed; ``load`` with a
-    different configuration recomputes them from the stored normalized text.
+    different shingling or banding recomputes them from the stored normalized text; a different
+    ``key`` cannot be recomputed (the text is of the other key) and is refused.
     """
 
     params: dict[str, Any]
@@ -468,6 +469,9 @@ class DedupIndex:
         texts = table["text"].to_pylist()
         exact = table["exact_hash"].to_numpy().astype(U64)
         want = index_params(cfg) if cfg is not None else params
+        if want["key"] != params["key"]:  # the stored texts and exact hashes are of the other key
+            raise ValueError(f"{directory}: dedup index built with key={params['key']!r}, this run uses "
+                             f"key={want['key']!r}; rebuild the corpus or use the same key")
         if want != params:  # another shingling or banding: rebuild the band keys from the text
             bands = compute_bands(texts, cfg)
             params = want
@@ -627,15 +631,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m refinery.dedup IN [--out OUT.parquet] [--profile P] [--key ...] [--shingle ...]
     [--ngram N] [--threshold X] [--num-perm N] [--batch-size N] [--existing DIR] [--save-index DIR]``"""
     import argparse
-    import sys
 
     from refinery.config import load_profile
-    from refinery.curate import InputError, joined_text, read_input, write_cli_output
+    from refinery.curate import CLI_INPUT_HELP, config_with_flags, joined_text, read_input, run_cli, write_cli_output
 
     ap = argparse.ArgumentParser(prog="python -m refinery.dedup",
-                                 description="Exact + MinHash LSH near dedup of a JSONL/Parquet file")
-    ap.add_argument("input", type=Path, help="JSONL or Parquet with 'messages' (normalized records) or 'text'")
-    ap.add_argument("--out", type=Path, help="Parquet: the input columns + status, duplicate_of, similarity")
+                                 description="Exact + MinHash LSH near dedup of a file of records")
+    ap.add_argument("input", type=Path, help=CLI_INPUT_HELP)
+    ap.add_argument("--out", type=Path, help="Parquet: the records + status, duplicate_of, similarity")
     ap.add_argument("--profile", help="take dedup settings from this profile (flags override)")
     ap.add_argument("--key", choices=["conversation", "prompt"])
     ap.add_argument("--shingle", choices=["char", "word"])
@@ -647,41 +650,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--save-index", type=Path, help="write the index (existing + kept records) here")
     args = ap.parse_args(argv)
 
-    cfg = load_profile(args.profile).dedup if args.profile else DedupConfig()
-    overrides = {"key": args.key, "shingle": args.shingle, "ngram": args.ngram, "threshold": args.threshold,
-                 "num_perm": args.num_perm, "batch_size": args.batch_size}
-    cfg = DedupConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
-
-    t0 = time.perf_counter()
-    try:
+    def work() -> dict[str, Any]:
+        cfg = config_with_flags(load_profile(args.profile).dedup if args.profile else DedupConfig(), {
+            "key": args.key, "shingle": args.shingle, "ngram": args.ngram, "threshold": args.threshold,
+            "num_perm": args.num_perm, "batch_size": args.batch_size})
+        t0 = time.perf_counter()
         table = read_input(args.input)
-    except InputError as exc:  # a clear one-line error naming the file, the line and the field
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    roles = ("user",) if cfg.key == "prompt" else ("user", "assistant")
-    texts = joined_text(table["messages"], roles, "\n")
-    existing = DedupIndex.load(args.existing, cfg) if args.existing else None
-    result = find_duplicates(table["id"].to_pylist(), texts, cfg, existing)
-    seconds = time.perf_counter() - t0
-    summary = {"input": str(args.input), "records": table.num_rows, "kept": result.status.count("kept"),
-               "exact_duplicates": result.stats["exact_duplicates"],
-               "near_duplicates": result.stats["near_duplicates"], "existing_records": result.stats["existing"],
-               "candidate_pairs": result.stats["candidate_pairs"], "verified_pairs": result.stats["verified_pairs"],
-               "bands": result.stats["bands"], "rows": result.stats["rows"], "config": cfg.model_dump(),
-               "seconds": round(seconds, 3),
-               "records_per_second": round(table.num_rows / seconds, 1) if seconds else None}
-    if args.out:
-        out = (table.append_column("status", pa.array(result.status, pa.string()))
-               .append_column("duplicate_of", pa.array(result.duplicate_of, pa.string()))
-               .append_column("similarity", pa.array(result.similarity, pa.float64())))
-        write_cli_output(out, args.out)
-        summary["out"] = str(args.out)
-    if args.save_index:
-        result.index.save(args.save_index)
-        summary["index"] = str(args.save_index)
-    json.dump(summary, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+        existing = DedupIndex.load(args.existing, cfg) if args.existing else None
+        texts = joined_text(table["messages"], ("user",) if cfg.key == "prompt" else ("user", "assistant"), "\n")
+        result = find_duplicates(table["id"].to_pylist(), texts, cfg, existing)
+        seconds = time.perf_counter() - t0
+        stats = result.stats
+        summary = {"input": str(args.input), "records": table.num_rows, "kept": result.status.count("kept"),
+                   "exact_duplicates": stats["exact_duplicates"], "near_duplicates": stats["near_duplicates"],
+                   "existing_records": stats["existing"], "candidate_pairs": stats["candidate_pairs"],
+                   "verified_pairs": stats["verified_pairs"], "bands": stats["bands"], "rows": stats["rows"],
+                   "config": cfg.model_dump(), "seconds": round(seconds, 3),
+                   "records_per_second": round(table.num_rows / seconds, 1) if seconds else None}
+        if args.out:
+            write_cli_output(table.append_column("status", pa.array(result.status, pa.string()))
+                             .append_column("duplicate_of", pa.array(result.duplicate_of, pa.string()))
+                             .append_column("similarity", pa.array(result.similarity, pa.float64())), args.out)
+            summary["out"] = str(args.out)
+        if args.save_index:
+            result.index.save(args.save_index)
+            summary["index"] = str(args.save_index)
+        return summary
+
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -893,17 +893,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int)
     ap.add_argument("--seed", type=int)
     args = ap.parse_args(argv)
-    cfg = (load_profile(args.profile).ingest.demo if args.profile else None) or DemoDataConfig()
-    cfg = cfg.model_copy(update={k: v for k, v in (("records", args.records), ("seed", args.seed)) if v is not None})
-    cfg = DemoDataConfig.model_validate(cfg.model_dump())  # model_copy does not validate
-    t0 = time.perf_counter()
-    corpus = write_demo_corpus(cfg, args.out_dir)
-    print(json.dumps({"out_dir": str(args.out_dir.resolve()), "config": cfg.model_dump(),
-                      "sources": [s.model_dump() for s in corpus.sources], "heldout": str(corpus.heldout_path),
-                      "ground_truth": str(corpus.ground_truth_path), "counts": corpus.counts,
-                      "seconds": round(time.perf_counter() - t0, 3)}, indent=1))
-    return 0
+    from refinery.curate import config_with_flags, run_cli
 
+    def work() -> dict[str, Any]:
+        cfg = config_with_flags((load_profile(args.profile).ingest.demo if args.profile else None) or DemoDataConfig(),
+                                {"records": args.records, "seed": args.seed})
+        t0 = time.perf_counter()
+        corpus = write_demo_corpus(cfg, args.out_dir)
+        return {"out_dir": str(args.out_dir.resolve()), "config": cfg.model_dump(),
+                "sources": [s.model_dump() for s in corpus.sources], "heldout": str(corpus.heldout_path),
+                "ground_truth": str(corpus.ground_truth_path), "counts": corpus.counts,
+                "seconds": round(time.perf_counter() - t0, 3)}
+
+    return run_cli(work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,9 +12,10 @@ Formats (the names of refinery.config.Format):
   (LLaMA-Factory's lima.json). The self-instruct seed-task shape (instruction plus
   ``instances: [{input, output}]`` with exactly one instance) is read as Alpaca too.
 - ``sharegpt``: ``conversations: [{from, value}]``; optional top-level system and tools
-  (LLaMA-Factory's glaive_toolcall) and ``chosen`` (LLaMA-Factory's preference pairs: the answer). Tool turns have no role of their own in refinery's schema:
-  a ``function_call`` is what the assistant said, an ``observation`` is fed back as a user turn,
-  and the tool list becomes part of the system message, so the conversation still makes sense.
+  (LLaMA-Factory's glaive_toolcall) and ``chosen`` (LLaMA-Factory's preference pairs: the
+  answer). Tool turns have no role of their own in refinery's schema: a ``function_call`` is
+  what the assistant said, an ``observation`` is fed back as a user turn, and the tool list
+  becomes part of the system message, so the conversation still makes sense.
 - ``openai``: ``messages: [{role, content}]``, and OpenAI's preference fine-tuning shape
   ``{input: {messages}, preferred_output: [...], non_preferred_output: [...]}`` (preferred output
   is the answer; the rejected one stays in ``original``).
@@ -112,6 +113,15 @@ def _text(obj: dict, field: str, *, required: bool = True, path: str | None = No
     return value
 
 
+def _object(value: Any, path: str) -> dict:
+    """``value`` when it is a JSON object; a RecordError naming ``path`` otherwise."""
+    if value is None:
+        raise RecordError(path, "missing")
+    if not isinstance(value, dict):
+        raise RecordError(path, f"expected an object, got {type(value).__name__}")
+    return value
+
+
 def _list(obj: dict, field: str, *, path: str | None = None) -> list:
     name = path or field
     if field not in obj or obj[field] is None:
@@ -158,10 +168,9 @@ def _alpaca(obj: dict) -> list[dict]:
         instances = _list(obj, "instances")
         if len(instances) != 1:
             raise RecordError("instances", f"{len(instances)} instances; one record is one conversation")
-        if not isinstance(instances[0], dict):
-            raise RecordError("instances[0]", f"expected an object, got {type(instances[0]).__name__}")
-        query = _text(instances[0], "input", required=False, path="instances[0].input")
-        output = _text(instances[0], "output", path="instances[0].output")
+        instance = _object(instances[0], "instances[0]")
+        query = _text(instance, "input", required=False, path="instances[0].input")
+        output = _text(instance, "output", path="instances[0].output")
     else:
         query = _text(obj, "input", required=False)
         output = _text(obj, "output")
@@ -194,8 +203,7 @@ def _sharegpt(obj: dict) -> list[dict]:
     messages = _system(system)
     for i, turn in enumerate(_list(obj, "conversations")):
         where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise RecordError(where, f"expected an object, got {type(turn).__name__}")
+        turn = _object(turn, where)
         speaker = _text(turn, "from", path=f"{where}.from")
         role = SHAREGPT_ROLES.get(speaker.lower())
         if role is None:
@@ -213,8 +221,7 @@ def _openai_messages(turns: list, where: str) -> list[dict]:
     messages = []
     for i, turn in enumerate(turns):
         at = f"{where}[{i}]"
-        if not isinstance(turn, dict):
-            raise RecordError(at, f"expected an object, got {type(turn).__name__}")
+        turn = _object(turn, at)
         name = _text(turn, "role", path=f"{at}.role")
         role = OPENAI_ROLES.get(name)
         if role is None:
@@ -239,9 +246,7 @@ def _openai_messages(turns: list, where: str) -> list[dict]:
 def _openai(obj: dict) -> list[dict]:
     if "messages" in obj:
         return _openai_messages(_list(obj, "messages"), "messages")
-    prompt = obj.get("input")
-    if not isinstance(prompt, dict):
-        raise RecordError("input", "missing" if prompt is None else f"expected an object, got {type(prompt).__name__}")
+    prompt = _object(obj.get("input"), "input")
     return (_openai_messages(_list(prompt, "messages", path="input.messages"), "input.messages")
             + _openai_messages(_list(obj, "preferred_output"), "preferred_output"))
 
@@ -263,9 +268,7 @@ def _openorca(obj: dict) -> list[dict]:
 
 def _oasst_root(tree: dict) -> tuple[dict, str]:
     if "prompt" in tree:
-        if not isinstance(tree["prompt"], dict):
-            raise RecordError("prompt", f"expected an object, got {type(tree['prompt']).__name__}")
-        return tree["prompt"], "prompt"
+        return _object(tree["prompt"], "prompt"), "prompt"
     if tree.get("parent_id") is not None and not tree.get("replies"):
         raise RecordError("parent_id", "a reply outside its tree; ingest export trees or root messages "
                                        "with their replies")

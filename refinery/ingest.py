@@ -62,8 +62,12 @@ class IngestResult:
 
 
 @dataclass
-class _Item:
-    """One raw record as read from a file: the parsed object, or why it could not be parsed."""
+class RawRecord:
+    """One record as read from a file: the parsed object, or why it could not be parsed.
+
+    ``line`` is 1-based: the line of a JSON lines or CSV file, the element of a JSON array, the row
+    of a Parquet file.
+    """
 
     file: str
     line: int
@@ -109,7 +113,7 @@ def _sniff_binary(source: SourceConfig, path: Path) -> bytes:
     return head
 
 
-def _parse(item: _Item, max_record_bytes: int, size: int) -> _Item:
+def _parse(item: RawRecord, max_record_bytes: int, size: int) -> RawRecord:
     if size > max_record_bytes:
         item.error = f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
     elif item.error is None:
@@ -120,7 +124,7 @@ def _parse(item: _Item, max_record_bytes: int, size: int) -> _Item:
     return item
 
 
-def _read_jsonl(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+def _read_jsonl(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
     _sniff_binary(source, path)
     seen = not_json = 0
     with open(path, "rb") as f:
@@ -132,11 +136,11 @@ def _read_jsonl(source: SourceConfig, path: Path, max_record_bytes: int) -> Iter
                 continue  # a blank line is not a record
             seen += 1
             try:
-                item = _Item(str(path), number, line.decode("utf-8"))
+                item = RawRecord(str(path), number, line.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 # keep the bytes readable and lossless: invalid ones become \xNN escapes
-                item = _Item(str(path), number, line.decode("utf-8", "backslashreplace"),
-                             error=f"invalid UTF-8 at byte {exc.start}")
+                item = RawRecord(str(path), number, line.decode("utf-8", "backslashreplace"),
+                                 error=f"invalid UTF-8 at byte {exc.start}")
             item = _parse(item, max_record_bytes, len(line))
             not_json += (item.error or "").startswith("invalid JSON")
             yield item
@@ -144,7 +148,7 @@ def _read_jsonl(source: SourceConfig, path: Path, max_record_bytes: int) -> Iter
         raise _error(source, path, f"not JSON lines: none of its {seen} lines is a JSON value")
 
 
-def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
     """A JSON array, one element per record (``line`` is the element's index + 1), or JSON lines.
 
     The content decides, not the extension: belle_zh's .json files are JSON lines, and a
@@ -193,16 +197,17 @@ def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Itera
             if index == 1:
                 raise _error(source, path, f"not a JSON array: {exc}") from None
             rest = _escape_surrogates(text[pos:])
-            yield _Item(str(path), index, rest, error=f"invalid JSON (the rest of the array is kept here): {exc}")
+            yield RawRecord(str(path), index, rest,
+                            error=f"invalid JSON (the rest of the array is kept here): {exc}")
             return
         raw = text[pos:end]
         try:
             size = len(raw.encode("utf-8"))
-            item = _Item(str(path), index, raw, obj=obj)
+            item = RawRecord(str(path), index, raw, obj=obj)
         except UnicodeEncodeError:
             data = raw.encode("utf-8", "surrogateescape")
             size = len(data)
-            item = _Item(str(path), index, data.decode("utf-8", "backslashreplace"), error="invalid UTF-8")
+            item = RawRecord(str(path), index, data.decode("utf-8", "backslashreplace"), error="invalid UTF-8")
         if size > max_record_bytes:
             item.obj, item.error = None, f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
         yield item
@@ -212,26 +217,27 @@ def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Itera
         elif text[pos:pos + 1] == "]":
             trailing = text[pos + 1:]
             if trailing.strip():  # e.g. JSON lines whose first line is an array: keep the rest
-                yield _Item(str(path), index + 1, _escape_surrogates(trailing),
-                            error="invalid JSON: text after the end of the array")
+                yield RawRecord(str(path), index + 1, _escape_surrogates(trailing),
+                                error="invalid JSON: text after the end of the array")
             return
         else:
             rest = _escape_surrogates(text[pos:])
-            yield _Item(str(path), index + 1, rest,
-                        error=f"invalid JSON: expected ',' or ']' at char {pos} (the rest of the array is kept here)")
+            yield RawRecord(str(path), index + 1, rest,
+                            error=f"invalid JSON: expected ',' or ']' at char {pos} "
+                                  "(the rest of the array is kept here)")
             return
 
 
-def _row_item(file: str, line: int, row: dict, max_record_bytes: int) -> _Item:
+def _row_item(file: str, line: int, row: dict, max_record_bytes: int) -> RawRecord:
     raw = json.dumps(row, ensure_ascii=False, default=str)
-    item = _Item(file, line, raw, obj=row)
+    item = RawRecord(file, line, raw, obj=row)
     size = len(raw.encode("utf-8", "surrogateescape"))
     if size > max_record_bytes:
         item.obj, item.error = None, f"record is {size} bytes, over max_record_bytes={max_record_bytes}"
     return item
 
 
-def _read_parquet(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+def _read_parquet(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     try:
@@ -245,11 +251,13 @@ def _read_parquet(source: SourceConfig, path: Path, max_record_bytes: int) -> It
             yield _row_item(str(path), line, row, max_record_bytes)
 
 
-def _read_csv(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[_Item]:
+def _read_csv(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
     _sniff_binary(source, path)
     # csv refuses fields over 128 KiB by default, far below max_record_bytes; size is checked below
     csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: spreadsheet programs start a UTF-8 CSV with a byte-order mark, which would
+    # otherwise stick to the first column's name and make every row miss that field
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         start = reader.line_num + 1
@@ -276,7 +284,7 @@ def _escape_surrogates(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _read_hub(source: SourceConfig, max_record_bytes: int) -> Iterator[_Item]:
+def _read_hub(source: SourceConfig, max_record_bytes: int) -> Iterator[RawRecord]:
     name = f"hub:{source.hub}:{source.hub_split}"
     if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         raise _error(source, name, "a Hub dataset needs the network, and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
@@ -292,7 +300,7 @@ def _read_hub(source: SourceConfig, max_record_bytes: int) -> Iterator[_Item]:
         raise _error(source, name, f"cannot load the Hub dataset: {type(exc).__name__}: {exc}") from None
 
 
-_READERS: dict[str, Callable[[SourceConfig, Path, int], Iterator[_Item]]] = {
+_READERS: dict[str, Callable[[SourceConfig, Path, int], Iterator[RawRecord]]] = {
     "json": _read_json, "parquet": _read_parquet, "csv": _read_csv,
 }
 
@@ -301,11 +309,24 @@ def _files(source: SourceConfig) -> list[str]:
     return [f"hub:{source.hub}:{source.hub_split}"] if source.hub else [str(p) for p in source_files(source)]
 
 
-def _read_file(source: SourceConfig, file: str, max_record_bytes: int) -> Iterator[_Item]:
+def _read_file(source: SourceConfig, file: str, max_record_bytes: int) -> Iterator[RawRecord]:
     if source.hub:
         return _read_hub(source, max_record_bytes)
     path = Path(file)
     return _READERS[FILE_KINDS[path.suffix.lower()]](source, path, max_record_bytes)
+
+
+def file_records(path: Path, *, max_record_bytes: int) -> Iterator[RawRecord]:
+    """The records of one local file, read exactly as ingest reads a source (the CLIs' input).
+
+    SourceError when the whole file is unusable (missing, unknown extension, binary, not JSON).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    if path.suffix.lower() not in FILE_KINDS:
+        raise SourceError(f"{path}: unsupported file type (known: {', '.join(sorted(FILE_KINDS))})")
+    return _read_file(SourceConfig(name=path.stem, path=str(path)), str(path), max_record_bytes)
 
 
 # --------------------------------------------------------------------------- one source
@@ -349,7 +370,7 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
     reasons: Counter = Counter()
     read = 0
 
-    def reject(item: _Item, field_name: str | None, reason: str) -> None:
+    def reject(item: RawRecord, field_name: str | None, reason: str) -> None:
         quarantine.append({"source": source.name, "source_file": item.file, "source_line": item.line,
                            "field": field_name, "reason": reason, "raw": item.raw})
         per_file[item.file]["quarantined"] += 1

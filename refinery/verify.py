@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from refinery.artifacts import Artifact
 from refinery.config import DedupConfig, LangIdConfig, Profile
-from refinery.dedup import dedup_key, exact_hash, find_duplicates, normalize_many
+from refinery.dedup import dedup_key, find_duplicates, normalize_many
 
 SAMPLE_SEED = 0  # the same records are sampled every time, so drift is the data's, not the sampler's
 
@@ -68,7 +69,7 @@ def drift_failures(v: dict[str, Any]) -> list[str]:
     return failed
 
 
-def sample_table(path, n: int, seed: int = SAMPLE_SEED) -> tuple[pa.Table, int]:
+def sample_table(path: Path, n: int, seed: int = SAMPLE_SEED) -> tuple[pa.Table, int]:
     """Up to ``n`` rows (id, source, messages) of a Parquet file, chosen with a fixed seed; and its row count."""
     table = pq.read_table(path, columns=["id", "source", "messages"])
     total = table.num_rows
@@ -84,8 +85,8 @@ def exact_duplicates(ids: Sequence[str], messages: Sequence[list[dict[str, str]]
     (how many, a few groups as {copies, ids})."""
     groups: dict[str, list[str]] = {}
     texts = normalize_many([dedup_key(m, key) for m in messages])
-    for rid, text in zip(ids, texts, strict=True):
-        groups.setdefault(f"{exact_hash(text)}:{text}", []).append(rid)
+    for rid, text in zip(ids, texts, strict=True):  # keyed by the text itself: no hash collision to rule out
+        groups.setdefault(text, []).append(rid)
     repeated = sorted((g for g in groups.values() if len(g) > 1), key=len, reverse=True)
     return sum(len(g) - 1 for g in repeated), [{"copies": len(g), "ids": g[:3]} for g in repeated[:limit]]
 

@@ -59,7 +59,8 @@ def landing_sensor(context: dg.SensorEvaluationContext, refinery: RefineryResour
     for files still in the landing directory; a run moves its files to landing/processed/ once their
     records are published, so a finished file leaves the cursor too. A failed run leaves its files in
     place and known: touch a file (new mtime) to retry it."""
-    landing_dir = refinery.load_profile().resolve_path(refinery.load_profile().landing.dir)
+    profile = refinery.load_profile()
+    landing_dir = profile.resolve_path(profile.landing.dir)
     landing_dir.mkdir(parents=True, exist_ok=True)
     files = pending_files(landing_dir)
     requested = set(json.loads(context.cursor)) if context.cursor else set()

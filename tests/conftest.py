@@ -17,9 +17,13 @@ def refinery_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     Override the profile in a test with ``monkeypatch.setenv("REFINERY_PROFILE", ...)``.
     """
+    return use_home(tmp_path / "home", monkeypatch)
+
+
+def use_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point REFINERY_HOME and DAGSTER_HOME at ``home`` (created), with the smoke profile and no hub."""
     from refinery.home import prepare_home
 
-    home = tmp_path / "home"
     monkeypatch.setenv("REFINERY_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     monkeypatch.setenv("REFINERY_PROFILE", "smoke")

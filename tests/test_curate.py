@@ -13,6 +13,7 @@ import pytest
 from refinery.config import LangIdConfig, load_profile, resolve_path
 from refinery.curate import INDEX_DIR, REASONS, curate, joined_text, write_deduped_corpus
 from refinery.dedup import DedupIndex, dedup_key
+from refinery.landing import merge_curated
 from refinery.langid import langid_text
 from refinery.records import CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, record_id
 
@@ -67,10 +68,16 @@ def table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
 
 
-def test_curate_reasons_and_counts(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def curated(corpus):
+    records, contaminated, _ = corpus
+    return curate(table(records), load_profile("smoke"), contaminated=contaminated)
+
+
+def test_curate_reasons_and_counts(corpus, curated):
     records, contaminated, _ = corpus
     profile = load_profile("smoke")
-    result = curate(table(records), profile, contaminated=contaminated)
+    result = curated
     c = result.counts
     assert c["read"] == len(records) == c["kept"] + sum(c[r] for r in REASONS)
     assert c["non_english"] >= 38  # the Chinese records (one of them is also "contaminated": language wins)
@@ -101,12 +108,15 @@ def test_curate_reasons_and_counts(corpus, tmp_path):
     assert set(result.length_percentiles) == set(result.per_source)
     p = result.length_percentiles["alpaca_en"]
     assert 0 < p["p50"] <= p["p90"] <= p["p99"]
+    # the timed steps do not overlap: together they fit in the total
+    seconds = result.stats["seconds"]
+    assert sum(seconds[k] for k in ("langid", "normalize", "dedup", "tables")) <= seconds["total"] + 1e-6
 
 
-def test_write_and_incremental(corpus, tmp_path):
+def test_write_incremental_and_merge(corpus, curated, tmp_path):
     records, contaminated, later = corpus
     profile = load_profile("smoke")
-    first = curate(table(records), profile, contaminated=contaminated)
+    first = curated
     out = tmp_path / "v1"
     metrics = write_deduped_corpus(first, out)
     assert metrics["counts"] == first.counts and metrics["index_records"] == first.counts["kept"]
@@ -122,6 +132,15 @@ def test_write_and_incremental(corpus, tmp_path):
     old_ids = set(first.kept["id"].to_pylist())
     assert set(second.rejected["duplicate_of"].to_pylist()) <= old_ids
     assert len(second.index) == first.counts["kept"] + 40  # the index grows with what was kept
+    # the published landing version is the union: counts add up, every row is there once
+    (out / "manifest.json").write_text(json.dumps({"metrics": metrics}), encoding="utf-8")
+    merged = merge_curated(out, second)
+    assert merged.counts == {k: first.counts[k] + second.counts[k] for k in first.counts}
+    assert merged.kept.num_rows == merged.counts["kept"] and merged.rejected.num_rows == 30 + 11 + (
+        first.counts["read"] - first.counts["kept"] - 30)
+    assert merged.per_source["later"]["read"] == len(later)
+    assert merged.per_source["alpaca_en"] == {**first.per_source["alpaca_en"], "read": 201, "exact_duplicate": 1}
+    assert merged.length_percentiles["alpaca_en"] == first.length_percentiles["alpaca_en"]  # nothing new kept there
 
 
 def test_joined_text_matches_per_record_helpers(corpus):

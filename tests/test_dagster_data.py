@@ -7,6 +7,7 @@ sensor deduplicating new files against the existing corpus.
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -18,6 +19,7 @@ import yaml
 from dagster_duckdb import DuckDBResource
 
 from assets import data
+from conftest import use_home
 from refinery.config import PROFILES_DIR
 from resources import RefineryResource
 from sensors import JOBS, SCHEDULES, SENSORS, landing_sensor, reverify_corpus
@@ -58,11 +60,40 @@ def instance(refinery_home):
         yield inst
 
 
-def test_data_job_records_statistics_and_history(refinery_home, instance):
+@pytest.fixture(scope="module")
+def first_data_run(tmp_path_factory) -> tuple[Path, Path, dict[str, dg.AssetCheckEvaluation]]:
+    """One ``data`` run of the smoke profile in a fresh home, and a copy of that home taken after it.
+
+    Tests that start from a materialized corpus restore the copy at the same path (manifests, the
+    Dagster instance and the DuckDB file hold absolute paths) instead of running the job again.
+    """
+    root = tmp_path_factory.mktemp("first_data_run")
+    home, snapshot = root / "home", root / "snapshot"
+    with pytest.MonkeyPatch.context() as mp:
+        use_home(home, mp)
+        with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as inst:
+            result = run_job(make_defs(home), "data", inst)
+            assert result.success
+            checks = check_results(result)
+    shutil.copytree(home, snapshot)
+    return home, snapshot, checks
+
+
+@pytest.fixture
+def materialized(first_data_run, monkeypatch) -> tuple[Path, dg.DagsterInstance]:
+    """(home, instance) as left by the first ``data`` run, private to the test."""
+    home, snapshot, _ = first_data_run
+    shutil.rmtree(home)
+    shutil.copytree(snapshot, home)
+    use_home(home, monkeypatch)
+    with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as inst:
+        yield home, inst
+
+
+def test_data_job_records_statistics_and_history(materialized, first_data_run):
+    refinery_home, instance = materialized
     defs = make_defs(refinery_home)
-    first = run_job(defs, "data", instance)
-    assert first.success
-    checks = check_results(first)
+    checks = first_data_run[2]
     assert set(checks) == {"raw_corpus:schema_valid", "raw_corpus:counts_reconcile", "deduped_corpus:english_share",
                            "deduped_corpus:no_exact_duplicates", "deduped_corpus:schema_valid",
                            "deduped_corpus:counts_reconcile"}
@@ -119,13 +150,16 @@ def test_failing_english_share_check_blocks_downstream(refinery_home, instance, 
     assert instance.get_latest_materialization_event(dg.AssetKey("verified_corpus")) is None
 
 
-def test_schedule_reverifies_and_drift_check_fails_on_tampered_data(refinery_home, instance):
-    defs = make_defs(refinery_home)
+def test_schedule_skips_before_the_first_corpus(refinery_home, instance):
     refinery = RefineryResource(profile="smoke", home=str(refinery_home))
     skip = reverify_corpus(dg.build_schedule_context(instance=instance, resources={"refinery": refinery}))
-    assert isinstance(skip, dg.SkipReason)
+    assert isinstance(skip, dg.SkipReason) and "not been materialized" in skip.skip_message
 
-    assert run_job(defs, "data", instance).success
+
+def test_schedule_reverifies_and_drift_check_fails_on_tampered_data(materialized):
+    refinery_home, instance = materialized
+    defs = make_defs(refinery_home)
+    refinery = RefineryResource(profile="smoke", home=str(refinery_home))
     request = reverify_corpus(dg.build_schedule_context(instance=instance, resources={"refinery": refinery}))
     assert isinstance(request, dg.RunRequest)
     version = metadata(instance, "deduped_corpus")["version"]
@@ -156,10 +190,10 @@ def _alpaca_lines(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def test_landing_sensor_dedups_new_files_against_existing_corpus(refinery_home, instance, shared_data):
+def test_landing_sensor_dedups_new_files_against_existing_corpus(materialized, shared_data):
+    refinery_home, instance = materialized
     defs = make_defs(refinery_home)
     refinery = RefineryResource(profile="smoke", home=str(refinery_home))
-    assert run_job(defs, "data", instance).success
     before = metadata(instance, "deduped_corpus")
     old_kept = pq.read_table(Path(before["path"]) / "kept.parquet")
     existing = old_kept.slice(0, 1).to_pylist()[0]  # planted again in the landing file: an exact duplicate

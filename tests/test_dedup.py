@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench.data_stage import mutate  # the benchmark's near-copy generator: one definition of a planted edit
 from refinery.config import DedupConfig, resolve_path
 from refinery.dedup import (DedupIndex, MinHasher, ShingleHasher, exact_jaccard, find_duplicates,
                             lsh_params, normalize_many, normalize_text)
@@ -31,21 +32,6 @@ def english() -> list[str]:
             seen.add(normalize_text(t))
             out.append(t)
     return out
-
-
-def mutate(text: str, fraction: float, rng: random.Random) -> str:
-    """Replace, delete or insert about `fraction` of the words."""
-    words = text.split(" ")
-    for _ in range(max(1, round(len(words) * fraction))):
-        i = rng.randrange(len(words))
-        op = rng.random()
-        if op < 0.5:
-            words[i] = rng.choice(["alpha", "beta", "gamma", "delta"])
-        elif op < 0.75 and len(words) > 2:
-            del words[i]
-        else:
-            words.insert(i, rng.choice(["very", "really", "quite"]))
-    return " ".join(words)
 
 
 def char_jaccard(a: str, b: str, n: int = 5) -> float:
@@ -169,6 +155,9 @@ def test_incremental_against_saved_index(english, tmp_path):
     assert rebuilt.params["shingle"] == "word"
     r3 = find_duplicates(["c0"], [mutate(first[7], 0.01, rng)], word_cfg, rebuilt)
     assert r3.status == ["near_duplicate"] and r3.duplicate_of == ["a7"]
+    # another key cannot be rebuilt: the stored texts are whole conversations, not prompts
+    with pytest.raises(ValueError, match="key='conversation'.*key='prompt'"):
+        DedupIndex.load(tmp_path / "index", DedupConfig(key="prompt"))
 
 
 def test_lsh_params_from_datasketch():
@@ -192,13 +181,46 @@ def test_cli(tmp_path, english):
     assert summary["records"] == 42 and summary["near_duplicates"] == 1 and summary["exact_duplicates"] == 1
     table = pq.read_table(out)
     assert table.num_rows == 42 and table["status"].to_pylist()[-2:] == ["near_duplicate", "exact_duplicate"]
-    # second file against the saved index
-    src2 = tmp_path / "in2.jsonl"
-    src2.write_text(json.dumps({"messages": [{"role": "user", "content": english[5]}]}) + "\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "refinery.dedup", str(src2), "--existing", str(tmp_path / "idx")],
-                          capture_output=True, text=True, check=True)
-    assert json.loads(proc.stdout)["exact_duplicates"] == 1
+
+
+def test_cli_against_saved_index_and_bad_input(tmp_path, english, capsys):
+    from refinery.dedup import main
+
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps({"text": t}) + "\n" for t in english[:10]), encoding="utf-8")
+    assert main([str(first), "--save-index", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps({"messages": [{"role": "user", "content": english[5]}]}) + "\n", encoding="utf-8")
+    assert main([str(second), "--existing", str(tmp_path / "idx")]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_duplicates"] == 1
+    # an index of whole conversations cannot dedup prompts: refused, not silently wrong
+    assert main([str(second), "--existing", str(tmp_path / "idx"), "--key", "prompt"]) == 2
+    assert "key='conversation'" in capsys.readouterr().err
+    assert main([str(second), "--existing", str(tmp_path / "no-index")]) == 2
+    assert "no dedup index" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n', encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "refinery.dedup", str(bad)], capture_output=True, text=True)
-    assert proc.returncode != 0 and f"{bad}:2" in proc.stderr and "'text'" in proc.stderr
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and f"{bad}:2: field 'text'" in err.err
+    # a record of a known format that does not normalize names its field
+    bad.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}\n')
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: sharegpt record: field 'conversations[1].from': unknown speaker 'robot'" in err
+    assert main([str(bad), "--threshold", "1.5", "--num-perm", "0"]) == 2
+    assert "--threshold 1.5" in capsys.readouterr().err
+
+
+def test_cli_reads_a_sharegpt_json_array(tmp_path, shared_data, capsys):
+    from refinery.dedup import main
+
+    src = shared_data / "fastchat_sharegpt" / "dummy_conversation.json"
+    assert main([str(src), "--out", str(tmp_path / "out.parquet")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = pq.read_table(tmp_path / "out.parquet", columns=["id", "status", "format"])
+    assert summary["records"] == table.num_rows == len(json.loads(src.read_text(encoding="utf-8")))
+    assert set(table["format"].to_pylist()) == {"sharegpt"}
+    assert table["id"][0].as_py() == "identity_0"  # the source's own ids, to join the verdicts back
+    assert summary["kept"] + summary["exact_duplicates"] + summary["near_duplicates"] == summary["records"]

@@ -310,6 +310,14 @@ def test_csv_file(tmp_path):
     assert len(result.quarantine) == 2
 
 
+def test_csv_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffinstruction,input,output\nSay hi.,,Hi!\n".encode())
+    result = read(path)
+    assert result.format == "alpaca" and result.counts["kept"] == 1 and not result.quarantine
+    assert json.loads(result.records[0]["original"]) == {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+
+
 def test_parquet_files_by_glob(tmp_path):
     rows = [{"system_prompt": "", "question": f"q{i}", "response": f"a{i}", "id": f"t.{i}"} for i in range(3)]
     rows.append({"system_prompt": "", "question": "q", "response": None, "id": "t.3"})

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import fasttext
 import numpy as np
@@ -119,8 +120,25 @@ def test_cli(tmp_path, alpaca):
     table = pq.read_table(out)
     assert table["english"].to_pylist() == [True] * 20 + [False] * 10
     assert set(table.column_names) >= {"id", "messages", "lang", "lang_score", "p_en"}
+
+
+def test_cli_reads_instruction_formats_and_reports_bad_input(tmp_path, capsys):
+    from refinery.langid import main
+
+    # a raw LLaMA-Factory Alpaca JSON array, read the way ingest reads it
+    zh = DATA / "llamafactory_demo" / "alpaca_zh_demo.json"
+    assert main([str(zh), "--out", str(tmp_path / "zh.parquet")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == pq.read_metadata(tmp_path / "zh.parquet").num_rows == 1000
+    assert summary["non_english"] > 900 and max(summary["languages"], key=summary["languages"].get) == "zh"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "refinery.langid", str(bad)], capture_output=True, text=True)
-    assert proc.returncode != 0 and f"{bad}:2" in proc.stderr
-
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and f"{bad}:2" in err.err and "invalid JSON" in err.err
+    # a flag out of range is named as the flag the user typed
+    assert main([str(zh), "--min-score", "2"]) == 2
+    assert "--min-score 2.0" in capsys.readouterr().err
+    # --model is relative to the working directory, like every other path on the command line
+    assert main([str(zh), "--model", "no-such-model.bin"]) == 2
+    assert str(Path.cwd() / "no-such-model.bin") in capsys.readouterr().err
