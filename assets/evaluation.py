@@ -24,21 +24,21 @@ REPORT_INPUTS = [*MODEL_INPUTS, "raw_corpus", "deduped_corpus"]
           description="lm-eval (MMLU, GSM8K, BBH, HumanEval when opted in, WikiText-2 perplexity, the demo "
                       "held-out tasks) over every stage and plain Q4_0/Q8_0 GGUFs of qlora_model, on the same "
                       "items; retention vs qlora_model with paired-bootstrap intervals, sizes, llama.cpp speed.")
-def benchmark_report(context: dg.AssetExecutionContext, refinery: RefineryResource,
-                     duckdb: DuckDBResource) -> dg.MaterializeResult:
+def benchmark_report(context: dg.AssetExecutionContext, refinery: RefineryResource, duckdb: DuckDBResource,
+                     pipes: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     from refinery.evaluate import load_report
-    from refinery.report import markdown, pareto_figure, record_scores, task_bars_figure
+    from refinery.report import (markdown, pareto_figure, record_scores, retention_cell, score_cell,
+                                 task_bars_figure)
 
     result, artifact = run_stage(context, "refinery.evaluate", REPORT_INPUTS)
     doc = load_report(artifact.path)
     with duckdb.get_connection() as conn:
         rows = record_scores(conn, doc, run_id=context.run_id)
     scores = [{"model": m["label"], "bytes": m["bytes"], "bits/weight": round(m["bits_per_weight"], 2),
-               **{t: f"{s['value']:.4g} ± {s['stderr']:.2g}" if s["stderr"] is not None else f"{s['value']:.4g}"
-                  for t, s in m["scores"].items()}} for m in doc["models"]]
-    retention = [{"model": label, **{t: "n/a" if r["value"] is None else
-                                     f"{r['value']:.3f} [{r['ci_low'] or 0:.3f}, {r['ci_high'] or 0:.3f}]"
-                                     for t, r in per_task.items()}} for label, per_task in doc["retention"].items()]
+               "tokens/s": m["tokens_per_second"] and round(m["tokens_per_second"], 1),
+               **{t: score_cell(s) for t, s in m["scores"].items()}} for m in doc["models"]]
+    retention = [{"model": label, **{t: retention_cell(r) for t, r in per_task.items()}}
+                 for label, per_task in doc["retention"].items()]
     return dg.MaterializeResult(data_version=result.data_version, metadata={
         **result.metadata,
         "quality_vs_size": png_markdown(pareto_figure(doc), "quality versus size, Pareto frontier"),

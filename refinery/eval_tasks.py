@@ -8,7 +8,7 @@ item's key), so every stage is scored on the same items and comparisons between 
 Items left out of the subset form the few-shot pool when the benchmark has no train/dev split.
 
 Online, the standard lm-eval task names are used, with lm-eval's own ``limit`` (its first N items,
-also the same for every stage).
+also the same for every stage); the demo held-out set and HumanEval (sandboxed) stay local.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class TaskSpec:
     kind: str  # "multiple_choice" | "generate_until" | "loglikelihood_rolling"
     max_gen_toks: int = 256
     executes_code: bool = False
+    online_metric: str | None = None  # lm-eval's own task reports under another key
+
 
     @property
     def metric_name(self) -> str:
@@ -48,7 +50,8 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "mmlu": TaskSpec("mmlu", "mmlu", "acc,none", True, "multiple_choice"),
     "gsm8k": TaskSpec("gsm8k", "gsm8k", "exact_match,flexible-extract", True, "generate_until", 256),
-    "bbh": TaskSpec("bbh", "bbh_zeroshot", "exact_match,none", True, "generate_until", 128),
+    "bbh": TaskSpec("bbh", "bbh_zeroshot", "exact_match,first-line", True, "generate_until", 128,
+                   online_metric="exact_match,flexible-extract"),
     "humaneval": TaskSpec("humaneval", "humaneval", "pass@1,none", True, "generate_until", 384,
                           executes_code=True),
     "wikitext": TaskSpec("wikitext", "wikitext", "word_perplexity,none", False, "loglikelihood_rolling"),
@@ -287,9 +290,11 @@ def _task_yaml(name: str, task: EvalTask, data_files: dict[str, str]) -> dict[st
         cfg.update(doc_to_text="Q: {{input}}\nA:", doc_to_target="{{target}}",
                    generation_kwargs={**gen, "until": ["</s>", "Q:", "\n\n", "<|im_end|>"]},
                    metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                                 "ignore_case": True, "ignore_punctuation": False}],
-                   filter_list=[{"name": "none", "filter": [
-                       {"function": "regex", "regex_pattern": "^\\s*(.*?)\\s*$"}, {"function": "take_first"}]}])
+                                 "ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": ["\\.$"]}],
+                   # the answer is the first non-blank line, trimmed (a model writes " False" or "False.")
+                   filter_list=[{"name": "first-line", "filter": [
+                       {"function": "regex", "regex_pattern": "\\S(?:.*\\S)?", "group_select": 0},
+                       {"function": "take_first"}]}])
     elif name == "humaneval":
         cfg.update(doc_to_text="{{prompt}}", doc_to_target="{{canonical_solution}}",
                    generation_kwargs={**gen, "until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]},
@@ -298,8 +303,11 @@ def _task_yaml(name: str, task: EvalTask, data_files: dict[str, str]) -> dict[st
     elif name == "wikitext":  # lm-eval's wikitext.yaml, pointed at the local file
         cfg.update(doc_to_text="", doc_to_target=_Function("hooks.wikitext_detokenizer"),
                    process_results=_Function("hooks.wikitext_process_results"),
-                   metric_list=[{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
-                                {"metric": "bits_per_byte"}])
+                   metric_list=[{"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                                 "higher_is_better": False},
+                                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity",
+                                 "higher_is_better": False},
+                                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}])
     return cfg
 
 
@@ -310,6 +318,7 @@ class PreparedTask:
     limit: int | None  # passed to simple_evaluate (online only: offline the subset is in the file)
     num_fewshot: int | None  # passed to simple_evaluate (online only)
     items: int | None  # items in the subset (offline); None online (lm-eval decides)
+    metric: str  # the headline metric's key in lm-eval's results
 
 
 def tasks_in_use(profile: Profile) -> dict[str, EvalTask]:
@@ -332,8 +341,12 @@ def prepare_tasks(profile: Profile, work_dir: Path, heldout_path: Path | None = 
     data_dir = profile.resolve_path(profile.eval.data_dir)
     prepared = []
     for name, task in tasks_in_use(profile).items():
-        if not profile.eval.offline and name != "demo_heldout":  # the held-out set is always local
-            prepared.append(PreparedTask(name, spec(name).online_name, task.limit, task.num_fewshot, None))
+        # Always local: the demo held-out set (ours), and HumanEval, whose code must run in
+        # refinery's sandbox (lm-eval's own task executes it in-process through `evaluate`).
+        if not profile.eval.offline and name not in ("demo_heldout", "humaneval"):
+            s = spec(name)
+            prepared.append(PreparedTask(name, s.online_name, task.limit, task.num_fewshot, None,
+                                         s.online_metric or s.metric))
             continue
         docs = load_docs(name, data_dir, heldout_path)
         subset = select_subset(name, docs["test"], task.limit)
@@ -349,7 +362,7 @@ def prepare_tasks(profile: Profile, work_dir: Path, heldout_path: Path | None = 
             _write_jsonl(files["fewshot"], pool)
         cfg = _task_yaml(name, task, {k: str(v.resolve()) for k, v in files.items()})
         (work_dir / f"{name}.yaml").write_text(yaml.dump(cfg, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
-        prepared.append(PreparedTask(name, LOCAL_PREFIX + name, None, None, len(subset)))
+        prepared.append(PreparedTask(name, LOCAL_PREFIX + name, None, None, len(subset), spec(name).metric))
     (work_dir / "hooks.py").write_text(_HOOKS, encoding="utf-8")
     return prepared
 

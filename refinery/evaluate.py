@@ -195,30 +195,68 @@ def paired(a: Items, b: Items) -> tuple[Items, Items]:
 
 def load_for_eval(cand: Candidate) -> tuple[Any, Any]:
     """(model, tokenizer) on CPU in float32: compressed-tensors decompressed (modelstats), GGUF
-    dequantized by transformers."""
+    weights dequantized by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from refinery.modelstats import load_model
 
     if cand.kind == "gguf":
-        folder, name = str(cand.path.parent), cand.path.name
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # The tokenizer is refinery's own GGUF reader (base_model.tokenizer_from_gguf): transformers'
+        # gets eos and the digit splitting wrong, so it would not tokenize like llama.cpp does.
+        from refinery.base_model import tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(cand.path)
+        model = AutoModelForCausalLM.from_pretrained(str(cand.path.parent), gguf_file=cand.path.name,
+                                                     dtype=torch.float32)
         model.eval()
         return model, tok
     return load_model(cand.path), AutoTokenizer.from_pretrained(cand.path)
 
 
-def score_candidate(cand: Candidate, tasks: list[PreparedTask], task_dir: Path, profile: Profile,
+def task_manager(profile: Profile, task_dir: Path):
+    """lm-eval's TaskManager over the generated YAMLs. Offline it skips indexing lm-eval's own
+    thousands of task files (about 14 s on a busy 2-core machine), which it would never use."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir), include_defaults=not profile.eval.offline)
+
+
+def _leaf_tasks(name: str, groups: dict[str, list[str]]) -> list[str]:
+    """The tasks under an lm-eval group (groups nest: mmlu -> mmlu_stem -> mmlu_anatomy)."""
+    if name not in groups:
+        return [name]
+    return [leaf for child in groups[name] for leaf in _leaf_tasks(child, groups)]
+
+
+def _collect_env_info_once() -> None:
+    """lm-eval adds torch's environment report to every simple_evaluate result, running
+    subprocesses for it (~3 s each call, 9+ calls per report); it cannot change within one
+    process, so it is collected once and copied into every result."""
+    import lm_eval.evaluator as evaluator
+
+    if getattr(evaluator.add_env_info, "refinery_cached", False):
+        return
+    original, first = evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        if not first:
+            original(first)
+        storage.update(first)
+
+    add_env_info.refinery_cached = True  # type: ignore[attr-defined]
+    evaluator.add_env_info = add_env_info
+
+
+def score_candidate(cand: Candidate, tasks: list[PreparedTask], manager: Any, profile: Profile,
                     out_dir: Path, log: Callable[[str], Any] = print) -> tuple[ModelResult, dict[str, Items]]:
     """Run lm-eval on one model for every task; write its raw results under ``out_dir``."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from refinery.modelstats import dir_bytes
 
+    _collect_env_info_once()
     start = time.perf_counter()
     model, tok = load_for_eval(cand)
     parameters = sum(p.numel() for p in model.parameters())
@@ -231,33 +269,41 @@ def score_candidate(cand: Candidate, tasks: list[PreparedTask], task_dir: Path, 
                          parameters, size, 8 * weight_bytes / parameters)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=profile.eval.batch_size,
               max_length=profile.eval.max_length)
-    manager = TaskManager(include_path=str(task_dir))
     items: dict[str, Items] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One simple_evaluate per (limit, num_fewshot): offline that is one call for all tasks (each
+    # call also collects environment info, several seconds).
+    groups: dict[tuple, list[PreparedTask]] = {}
     for task in tasks:
-        s = spec(task.name)
-        log(f"[{cand.label}] lm-eval {task.lm_eval_task}")
-        res = simple_evaluate(model=lm, tasks=[task.lm_eval_task], task_manager=manager, limit=task.limit,
-                              num_fewshot=task.num_fewshot, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
+        groups.setdefault((task.limit, task.num_fewshot), []).append(task)
+    for i, ((limit, shots), group) in enumerate(groups.items()):
+        log(f"[{cand.label}] lm-eval {', '.join(t.lm_eval_task for t in group)}")
+        res = simple_evaluate(model=lm, tasks=[t.lm_eval_task for t in group], task_manager=manager, limit=limit,
+                              num_fewshot=shots, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
                               random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
                               fewshot_random_seed=SEED)
         samples = res.pop("samples")
-        (out_dir / f"{task.name}.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
-        it = items_from_samples(samples, s.metric)
-        if not it.keys:
-            raise RuntimeError(f"lm-eval returned no per-item {s.metric} for {task.lm_eval_task} ({cand.label})")
-        items[task.name] = it
-        reported = res["results"].get(task.lm_eval_task, {})
-        value = reported.get(s.metric)
-        stderr = reported.get(s.metric.replace(",", "_stderr,", 1))
-        method = "lm-eval"
-        if not isinstance(value, (int, float)):
-            value = aggregate(s.metric_name, it.values, it.weights)
-            method = "refinery"
-        if not isinstance(stderr, (int, float)) or math.isnan(stderr):
-            stderr, method = standard_error(s.metric_name, it.values, it.weights)
-        result.scores[task.name] = Score(task.name, s.metric, float(value), stderr, method, len(it.keys),
-                                         s.higher_is_better)
+        name = "results.json" if len(groups) == 1 else f"results.{i}.json"
+        (out_dir / name).write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+        for task in group:
+            s = spec(task.name)
+            own = {k: samples[k] for k in _leaf_tasks(task.lm_eval_task, res.get("group_subtasks", {}))
+                   if k in samples}
+            it = items_from_samples(own, task.metric)
+            if not it.keys:
+                raise RuntimeError(f"lm-eval returned no per-item {task.metric} for {task.lm_eval_task} ({cand.label})")
+            items[task.name] = it
+            reported = res["results"].get(task.lm_eval_task, {})
+            value = reported.get(task.metric)
+            stderr = reported.get(task.metric.replace(",", "_stderr,", 1))
+            method = "lm-eval"
+            if not isinstance(value, (int, float)):
+                value = aggregate(s.metric_name, it.values, it.weights)
+                method = "refinery"
+            if not isinstance(stderr, (int, float)) or math.isnan(stderr):
+                stderr, method = standard_error(s.metric_name, it.values, it.weights)
+            result.scores[task.name] = Score(task.name, task.metric, float(value), stderr, method, len(it.keys),
+                                             s.higher_is_better)
     del lm, model
     gc.collect()
     result.seconds = round(time.perf_counter() - start, 2)
@@ -385,6 +431,9 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Cal
     work = home / "work" / STAGE / key
     work.mkdir(parents=True, exist_ok=True)
     use = tasks_in_use(profile)
+    if not use:
+        raise ValueError(f"{profile.source_file}: eval.tasks has nothing to score (HumanEval alone needs "
+                         "eval.humaneval_execute: true)")
     if "demo_heldout" in use and heldout is None:
         raise FileNotFoundError("profile.eval.tasks has demo_heldout, but raw_corpus has no heldout.jsonl "
                                 "(the demo source writes it); remove the task or ingest the demo corpus")
@@ -395,11 +444,12 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Cal
     with staged_artifact(STAGE, config=config, inputs=refs, home=home) as st:
         task_dir = st.path / "tasks"
         prepared = prepare_tasks(profile, task_dir, heldout)
+        manager = task_manager(profile, task_dir)
         cands = candidates(inputs, work, profile, log)
         results: list[ModelResult] = []
         per_item: dict[str, dict[str, Items]] = {}
         for cand in cands:
-            res, items = score_candidate(cand, prepared, task_dir, profile, st.path / "lm_eval" / cand.label, log)
+            res, items = score_candidate(cand, prepared, manager, profile, st.path / "lm_eval" / cand.label, log)
             if cand.kind == "gguf":
                 log(f"[{cand.label}] llama.cpp speed")
                 speed = tokens_per_second(cand.path, profile.eval.speed_tokens, os.cpu_count() or 1)
@@ -426,7 +476,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Cal
         doc = {
             "run_id": st.version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "profile": profile.name, "baseline": BASELINE,
-            "tasks": {t.name: {"lm_eval_task": t.lm_eval_task, "metric": spec(t.name).metric,
+            "tasks": {t.name: {"lm_eval_task": t.lm_eval_task, "metric": t.metric,
                                "higher_is_better": spec(t.name).higher_is_better, "items": t.items,
                                "num_fewshot": use[t.name].num_fewshot,
                                "min_retention": use[t.name].min_retention} for t in prepared},

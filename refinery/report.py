@@ -76,7 +76,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
-def _score_cell(s: dict[str, Any] | None) -> str:
+def score_cell(s: dict[str, Any] | None) -> str:
     if s is None:
         return "n/a"
     if s["stderr"] is None:
@@ -84,7 +84,7 @@ def _score_cell(s: dict[str, Any] | None) -> str:
     return f"{_fmt(s['value'])} ± {_fmt(s['stderr'])}"
 
 
-def _retention_cell(r: dict[str, Any] | None) -> str:
+def retention_cell(r: dict[str, Any] | None) -> str:
     if r is None or r.get("value") is None:
         return "n/a" if r is None else f"undefined ({r.get('note', '')})"
     if r.get("ci_low") is None:
@@ -106,7 +106,7 @@ def markdown(doc: dict[str, Any]) -> str:
                  for t in head_tasks) + " |",
              "|---" * (5 + len(head_tasks)) + "|"]
     for m in doc["models"]:
-        cells = [_score_cell(m["scores"].get(t)) if t in doc["tasks"] else "not executed" for t in head_tasks]
+        cells = [score_cell(m["scores"].get(t)) if t in doc["tasks"] else "not executed" for t in head_tasks]
         speed = _fmt(m["tokens_per_second"], 1) if m.get("tokens_per_second") is not None else "-"
         lines.append(f"| {m['label']} | {m['stage']} `{m['version']}` | {m['bytes']:,} | {m['bits_per_weight']:.2f} "
                      f"| {speed} | " + " | ".join(cells) + " |")
@@ -121,7 +121,7 @@ def markdown(doc: dict[str, Any]) -> str:
               doc["retention_method"] + ".", "",
               "| model | " + " | ".join(tasks) + " |", "|---" * (1 + len(tasks)) + "|"]
     for label, per_task in doc["retention"].items():
-        lines.append(f"| {label} | " + " | ".join(_retention_cell(per_task.get(t)) for t in tasks) + " |")
+        lines.append(f"| {label} | " + " | ".join(retention_cell(per_task.get(t)) for t in tasks) + " |")
     thresholds = {t: v["min_retention"] for t, v in doc["tasks"].items() if v["min_retention"] is not None}
     if thresholds:
         lines += ["", "Release thresholds (recovered_model): " +
