@@ -7,8 +7,8 @@ forward and backward and recomputes activations under gradient checkpointing, so
 as the stated assumption. Time = FLOPs / (peak FLOP/s x MFU); cost = hours x price per hour.
 Every assumption comes from TrainConfig.gpu_* and is recorded next to the result.
 
-``python -m refinery.gpu_estimate --profile llama31-8b --records 640000 --tokens-per-record 300
---parameters 8.03e9`` prints the estimate as JSON.
+``python -m refinery.gpu_estimate --profile llama31-8b --records 640000 --tokens-per-record 444.1
+--parameters 8030261248`` prints the estimate as JSON (docs/training.md has the numbers).
 """
 
 from __future__ import annotations

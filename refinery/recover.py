@@ -229,13 +229,14 @@ def freeze_all_but_recovery_weights(model: Any, train_norms: bool) -> int:
 
 def quantization_tensors(model_dir: Path) -> dict[str, Any]:
     """Every scale / zero-point tensor in a compressed-tensors folder (the grid itself)."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     out = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        for name, tensor in load_file(f).items():
-            if name.endswith(("weight_scale", "weight_zero_point")):
-                out[name] = tensor
+        with safe_open(f, framework="pt") as tensors:
+            for name in tensors.keys():
+                if name.endswith(("weight_scale", "weight_zero_point")):
+                    out[name] = tensors.get_tensor(name)
     return out
 
 

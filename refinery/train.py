@@ -35,7 +35,7 @@ from refinery.config import PROJECT_ROOT, Profile, TrainConfig
 from refinery.records import read_table
 
 STAGE = "qlora_model"
-LOG_PLUGIN = "refinery.train.TrainLogPlugin"
+TRAINER_PLUGIN = "refinery.train.TrainerPlugin"
 RUN_LOG = "train_runs.jsonl"  # one line per axolotl run: the step it started and ended at
 HISTORY = "log_history.json"  # the trainer's full log history, written when training ends
 OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -46,7 +46,8 @@ OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_
 
 
 def split_corpus(kept_parquet: Path, out_dir: Path, *, val_fraction: float, seed: int,
-                 max_train_records: int | None = None) -> dict[str, int]:
+                 max_train_records: int | None = None,
+                 max_val_records: int | None = None) -> dict[str, int]:
     """Write train.jsonl / val.jsonl ({"messages": [...]}, what axolotl's chat_template reads).
 
     Records are ordered by id and shuffled with ``seed``, so the split depends only on the
@@ -59,8 +60,8 @@ def split_corpus(kept_parquet: Path, out_dir: Path, *, val_fraction: float, seed
     random.Random(seed).shuffle(rows)
     n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction)))
     val, train = rows[:n_val], rows[n_val:]
-    if max_train_records is not None:
-        train = train[:max_train_records]
+    # the caps only shorten each side: a record never moves between train and val
+    train, val = train[:max_train_records], val[:max_val_records]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("val", val)):
         tmp = out_dir / f".{name}.jsonl.tmp"
@@ -143,7 +144,7 @@ def axolotl_config(cfg: TrainConfig, *, base_model: Path, train_file: Path, val_
         "bf16": cfg.bf16,
         "fp16": False,
         "tf32": False,
-        "plugins": [BNB_CPU_PLUGIN, LOG_PLUGIN],
+        "plugins": [BNB_CPU_PLUGIN, TRAINER_PLUGIN],
     }
     if cfg.max_steps is not None:
         config["max_steps"] = cfg.max_steps
@@ -211,7 +212,7 @@ except ImportError:
     _AxolotlPlugin = object
 
 
-class TrainLogPlugin(_AxolotlPlugin):  # type: ignore[misc, valid-type]
+class TrainerPlugin(_AxolotlPlugin):  # type: ignore[misc, valid-type]
     """axolotl plugin: record where each run started and ended and the full loss history."""
 
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
@@ -234,6 +235,7 @@ class TrainLogPlugin(_AxolotlPlugin):  # type: ignore[misc, valid-type]
                                         "best_checkpoint": state.best_model_checkpoint}) + "\n")
 
         return [_Recorder()]
+
 
 
 # --------------------------------------------------------------------------- outputs
@@ -294,7 +296,8 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
     log(f"qlora_model work directory: {work}")
 
     counts = split_corpus(corpus.path / "kept.parquet", work / "data", val_fraction=cfg.val_fraction,
-                          seed=cfg.seed, max_train_records=cfg.max_train_records)
+                          seed=cfg.seed, max_train_records=cfg.max_train_records,
+                          max_val_records=cfg.max_val_records)
     lengths = token_lengths(work / "data" / "train.jsonl", base_dir)
     # axolotl drops (does not truncate) conversations longer than sequence_len
     train_tokens = sum(n for n in lengths if n <= cfg.sequence_len)

@@ -65,8 +65,12 @@ def test_split_is_deterministic_and_disjoint(inputs, tmp_path):
     assert ids["train"] | ids["val"] == set(read_table(kept).column("id").to_pylist())
     first = json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
-    c = train.split_corpus(kept, tmp_path / "c", val_fraction=0.1, seed=8, max_train_records=20)
-    assert c == {"train": 20, "val": 12}
+    c = train.split_corpus(kept, tmp_path / "c", val_fraction=0.1, seed=7, max_train_records=20,
+                           max_val_records=5)
+    assert c == {"train": 20, "val": 5}
+    capped = {s: [json.loads(x)["id"] for x in (tmp_path / "c" / f"{s}.jsonl").read_text().splitlines()]
+              for s in ("train", "val")}
+    assert set(capped["val"]) <= ids["val"] and set(capped["train"]) <= ids["train"]
 
 
 def test_axolotl_config_for_cpu_and_for_the_8b_plan(tmp_path):
