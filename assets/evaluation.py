@@ -18,6 +18,7 @@ EVALUATION = "evaluation"
 RELEASE = "release"
 MODEL_INPUTS = ["base_model", "qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model"]
 REPORT_INPUTS = [*MODEL_INPUTS, "raw_corpus", "deduped_corpus"]
+ARTIFACT_KEYS = {"path", "version", "bytes_on_disk", "stage_seconds"}
 
 
 @dg.asset(group_name=EVALUATION, deps=REPORT_INPUTS, kinds={"lmeval", "duckdb", "llamacpp"},
@@ -39,14 +40,16 @@ def benchmark_report(context: dg.AssetExecutionContext, refinery: RefineryResour
                **{t: score_cell(s) for t, s in m["scores"].items()}} for m in doc["models"]]
     retention = [{"model": label, **{t: retention_cell(r) for t, r in per_task.items()}}
                  for label, per_task in doc["retention"].items()]
+    # What a reader looks at first goes first: the UI keeps this order.
     return dg.MaterializeResult(data_version=result.data_version, metadata={
-        **result.metadata,
         "quality_vs_size": png_markdown(pareto_figure(doc), "quality versus size, Pareto frontier"),
-        "task_scores": png_markdown(task_bars_figure(doc), "per-task scores"),
-        "scores": markdown_table(scores),
         "retention_vs_qlora_model": markdown_table(retention),
+        "scores": markdown_table(scores),
+        "task_scores": png_markdown(task_bars_figure(doc), "per-task scores"),
         "report": dg.MetadataValue.md(markdown(doc)),
         "duckdb_rows": rows,
+        # lineage and artifact, not the per-score scalars: those are in the tables above
+        **{k: v for k, v in result.metadata.items() if k in ARTIFACT_KEYS or k.startswith("input.")},
     })
 
 

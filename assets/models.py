@@ -15,6 +15,7 @@ from assets.common import png_markdown, run_stage, trainer_python
 TRAINING = "training"
 STAGE_RESOURCES = {"refinery", "pipes", "duckdb"}
 COMPRESSION = "compression"
+RECOVERY = "recovery"
 
 
 @dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=TRAINING, kinds={"pytorch", "huggingface"},
@@ -60,7 +61,7 @@ def gguf_zst(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return run_stage(context, "refinery.gguf_export", ["awq_model"])[0]
 
 
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["awq_model", "qlora_model", "deduped_corpus"],
+@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=RECOVERY, deps=["awq_model", "qlora_model", "deduped_corpus"],
           kinds={"pytorch", "gguf", "zstd"},
           description="Recovery training (distillation from qlora_model into the compressed model) that keeps "
                       "its sparsity and bit width; exported to GGUF + zstd like gguf_zst.")

@@ -66,20 +66,39 @@ def take_screenshots(port: int, out_dir: Path) -> dict[str, str]:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                     ignore_default_args=["--headless=old"])
         page = browser.new_page(viewport={"width": 1800, "height": 1100})
-        pages = {
-            "asset_graph": f"{base}/asset-groups",
-            "benchmark_report": f"{base}/assets/benchmark_report",
-            "deduped_corpus": f"{base}/assets/deduped_corpus",
-            "qlora_model": f"{base}/assets/qlora_model",
-        }
-        for name, url in pages.items():
-            page.goto(url, wait_until="networkidle", timeout=120_000)
-            page.wait_for_timeout(4000)  # the graph lays itself out after the data arrives
-            path = out_dir / f"{name}.png"
-            page.screenshot(path=str(path), full_page=True)
-            shots[name] = str(path)
+        # Mark the community sign-up dialog as seen, as a returning user would have.
+        page.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
+
+        page.goto(f"{base}/asset-groups", wait_until="networkidle", timeout=120_000)
+        page.wait_for_timeout(3000)
+        page.mouse.click(1000, 1000, button="right")  # the graph's background menu
+        page.get_by_role("menuitem").filter(has_text="Expand all groups").first.click()
+        page.wait_for_timeout(4000)  # the graph lays itself out again
+        shots["asset_graph"] = _shot(page, out_dir / "asset_graph.png")
+
+        page.set_viewport_size({"width": 1800, "height": 2000})
+        for asset in ("benchmark_report", "deduped_corpus", "qlora_model"):
+            page.goto(f"{base}/assets/{asset}", wait_until="networkidle", timeout=120_000)
+            page.wait_for_timeout(3000)
+            shots[asset] = _shot(page, out_dir / f"{asset}.png")
+        # Plots are Markdown images, which the UI opens in a dialog.
+        for asset, key in (("benchmark_report", "quality_vs_size"), ("benchmark_report", "task_scores"),
+                           ("qlora_model", "loss_curve")):
+            page.goto(f"{base}/assets/{asset}", wait_until="networkidle", timeout=120_000)
+            page.wait_for_timeout(2000)
+            link = page.locator("tr", has_text=key).get_by_text("Show Markdown")
+            if link.count():
+                link.first.click()
+                page.wait_for_timeout(1500)
+                shots[f"{asset}.{key}"] = _shot(page, out_dir / f"{asset}.{key}.png")
+                page.keyboard.press("Escape")
         browser.close()
     return shots
+
+
+def _shot(page, path: Path) -> str:
+    page.screenshot(path=str(path))
+    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
