@@ -126,7 +126,8 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
         model = load_model(model_in)  # float32 compute; saved in the input's dtype
         ppl_before = perplexity(model, text, tokenizer=tokenizer, max_tokens=tokens)
         masks = zero_masks(model)
-        sparsity_in = {n: float(m.float().mean()) for n, m in masks.items()}
+        # the same arithmetic as modelstats.linear_sparsity, so equal zero counts compare equal
+        sparsity_in = {n: float(m.sum().item()) / m.numel() for n, m in masks.items()}
         sparsity_in_overall = (sum(int(m.sum()) for m in masks.values())
                                / max(sum(m.numel() for m in masks.values()), 1))
         dataset, calib = calibration_dataset(

@@ -247,9 +247,9 @@ def generation_sample(model: Any, tokenizer: Any, prompt: str = "What is the cap
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     new = out[0, ids["input_ids"].shape[1]:]
     return {"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True),
             "new_tokens": int(new.numel())}
