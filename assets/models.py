@@ -32,12 +32,12 @@ def base_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 def qlora_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     result, artifact = run_stage(context, "refinery.train", ["base_model", "deduped_corpus"], python=trainer_python())
     losses = artifact.path / "losses.csv"
-    metadata = dict(result.metadata)
+    metadata = {}
     if losses.exists():
         rows = _read_losses(losses)
         _store_losses(context.resources.duckdb, context.run_id, "qlora_model", artifact.version, rows)
-        metadata["loss_curve"] = _loss_plot(rows, "qlora_model")
-    return dg.MaterializeResult(metadata=metadata, data_version=result.data_version)
+        metadata["loss_curve"] = _loss_plot(rows, "qlora_model")  # first: the UI keeps this order
+    return dg.MaterializeResult(metadata={**metadata, **result.metadata}, data_version=result.data_version)
 
 
 @dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["qlora_model", "deduped_corpus"], kinds={"llmcompressor"},
@@ -67,13 +67,13 @@ def gguf_zst(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
                       "its sparsity and bit width; exported to GGUF + zstd like gguf_zst.")
 def recovered_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     result, artifact = run_stage(context, "refinery.recover", ["awq_model", "qlora_model", "deduped_corpus"])
-    metadata = dict(result.metadata)
+    metadata = {}
     losses = artifact.path / "losses.csv"
     if losses.exists():
         rows = _read_losses(losses)
         _store_losses(context.resources.duckdb, context.run_id, "recovered_model", artifact.version, rows)
         metadata["loss_curve"] = _loss_plot(rows, "recovered_model")
-    return dg.MaterializeResult(metadata=metadata, data_version=result.data_version)
+    return dg.MaterializeResult(metadata={**metadata, **result.metadata}, data_version=result.data_version)
 
 
 MODEL_ASSETS = ["base_model", "qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model"]

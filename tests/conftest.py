@@ -39,3 +39,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"shared data directory {path} not found: set REFINERY_SHARED_DATA")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dagster_state_storage():
+    """Dagster keeps the entered instance's state storage in a context variable; one test's
+    instance (gone by now) must not be what the next test's definitions resolve against."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
