@@ -20,10 +20,12 @@ def quiet(*_args) -> None:
     pass
 
 
-def corpus_rows(per_language: int = 40) -> list[dict]:
+def corpus_rows(per_language: int = 40, *, english_only: bool = False) -> list[dict]:
     """Alpaca records as deduped_corpus keeps them: English labelled en, Chinese labelled zh."""
     rows = []
-    for name, lang in (("alpaca_en_demo.json", "en"), ("alpaca_zh_demo.json", "zh")):
+    sources = (("alpaca_en_demo.json", "en"),) if english_only else (("alpaca_en_demo.json", "en"),
+                                                                    ("alpaca_zh_demo.json", "zh"))
+    for name, lang in sources:
         path = DEMO_DIR / name
         for i, rec in enumerate(json.loads(path.read_text(encoding="utf-8"))[:per_language]):
             user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")

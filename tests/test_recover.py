@@ -9,23 +9,13 @@ import pytest
 import torch
 import yaml
 
+from compression_helpers import corpus_rows
 from refinery import base_model, recover
 from refinery.artifacts import load_artifact, staged_artifact
-from refinery.config import PROJECT_ROOT, load_profile, resolve_path
-from refinery.records import KEPT_SCHEMA, record_id, write_table
+from refinery.config import PROJECT_ROOT, load_profile
+from refinery.records import KEPT_SCHEMA, write_table
 
 
-def kept_rows(n: int) -> list[dict]:
-    data = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}") / "llamafactory_demo" / "alpaca_en_demo.json"
-    rows = []
-    for i, rec in enumerate(json.loads(data.read_text(encoding="utf-8"))[:n]):
-        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-        rows.append({"id": record_id(messages), "source": "alpaca_en_demo", "format": "alpaca",
-                     "source_file": str(data), "source_line": i + 1, "license": "CC-BY-NC-4.0",
-                     "messages": messages, "original": json.dumps(rec), "lang": "en",
-                     "lang_score": 1.0, "p_en": 1.0})
-    return rows
 
 
 def magnitude_prune(model, sparsity: float) -> None:
@@ -80,7 +70,7 @@ def inputs(tmp_path_factory, profile):
     student = load_artifact(st.path)
 
     with staged_artifact("deduped_corpus", home=home) as st:
-        write_table(st.path / "kept.parquet", kept_rows(200), KEPT_SCHEMA)
+        write_table(st.path / "kept.parquet", corpus_rows(200, english_only=True), KEPT_SCHEMA)
     return home, {"awq_model": student, "qlora_model": teacher, "deduped_corpus": load_artifact(st.path)}
 
 

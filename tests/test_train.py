@@ -16,26 +16,15 @@ import pytest
 import torch
 import yaml
 
+from compression_helpers import corpus_rows
 from refinery import base_model, train
 from refinery.artifacts import latest, load_artifact, staged_artifact
-from refinery.config import PROJECT_ROOT, load_profile, resolve_path
-from refinery.records import KEPT_SCHEMA, read_table, record_id, write_table
+from refinery.config import PROJECT_ROOT, load_profile
+from refinery.records import KEPT_SCHEMA, read_table, write_table
 
 TRAIN_PYTHON = PROJECT_ROOT / ".venv-train" / "bin" / "python"
 
 
-def kept_rows(n: int) -> list[dict]:
-    """Real English instruction records from the shared data, as deduped_corpus keeps them."""
-    data = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}") / "llamafactory_demo" / "alpaca_en_demo.json"
-    rows = []
-    for i, rec in enumerate(json.loads(data.read_text(encoding="utf-8"))[:n]):
-        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-        rows.append({"id": record_id(messages), "source": "alpaca_en_demo", "format": "alpaca",
-                     "source_file": str(data), "source_line": i + 1, "license": "CC-BY-NC-4.0",
-                     "messages": messages, "original": json.dumps(rec), "lang": "en",
-                     "lang_score": 1.0, "p_en": 1.0})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +37,7 @@ def inputs(home):
     profile = load_profile("smoke")
     base = base_model.build(profile, home=home, log=lambda _: None)
     with staged_artifact("deduped_corpus", home=home) as st:
-        write_table(st.path / "kept.parquet", kept_rows(120), KEPT_SCHEMA)
+        write_table(st.path / "kept.parquet", corpus_rows(120, english_only=True), KEPT_SCHEMA)
     return {"base_model": base, "deduped_corpus": load_artifact(st.path)}
 
 
