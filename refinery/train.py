@@ -3,7 +3,7 @@
 The stage writes one axolotl YAML from ``profile.train`` (kept with the artifact as
 ``axolotl.yaml``: a user reruns it by hand with ``axolotl train axolotl.yaml``) and runs axolotl
 as a subprocess in the trainer's environment (.venv-train: axolotl pins accelerate below what
-llm-compressor needs). Checkpoints live in ``<home>/work/qlora_model/<key>/``, keyed by the
+llm-compressor needs). Checkpoints live in ``work/qlora_model/<key>/`` under the home, keyed by the
 config and the inputs' versions, so a killed run resumes from its last checkpoint when the stage
 runs again (axolotl's ``auto_resume_from_checkpoints``). The artifact holds the adapter, the
 adapter merged into the un-quantized base weights (``model/``, a plain Hugging Face folder),
