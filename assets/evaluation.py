@@ -1,9 +1,10 @@
-"""Evaluation and release: benchmark_report (lm-eval over every stage) -> release (gated).
+"""Evaluation and release: quant_baselines (assets/models.py) -> benchmark_report -> release (gated).
 
-benchmark_report runs refinery.evaluate out of process (Dagster Pipes), then records the scores
-in DuckDB and shows the charts. Every release gate is a blocking asset check on benchmark_report
-(refinery.release holds the logic), and decontamination is a blocking check on deduped_corpus, so
-release materializes only when all of them pass in the run.
+benchmark_report runs refinery.evaluate out of process (Dagster Pipes), or reuses the report made
+from the same inputs, config and code; it records the scores in DuckDB and shows the tables and
+charts. Every release gate is a blocking asset check on benchmark_report that reads the report
+(its recorded thresholds, refinery.release holds the logic), and decontamination is a blocking
+check on deduped_corpus, so release materializes only when all of them pass in the run.
 """
 
 
@@ -12,51 +13,49 @@ import pyarrow.parquet as pq
 from dagster_duckdb import DuckDBResource
 
 from assets.common import markdown_table, png_markdown, run_stage, upstream_artifact
+from assets.models import RETRY
+from refinery import stages
 from resources import RefineryResource
 
-EVALUATION = "evaluation"
+EVALUATION = stages.EVALUATION
 RELEASE = "release"
-MODEL_INPUTS = ["base_model", "qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model"]
-REPORT_INPUTS = [*MODEL_INPUTS, "raw_corpus", "deduped_corpus"]
-ARTIFACT_KEYS = {"path", "version", "bytes_on_disk", "stage_seconds"}
+REPORT = stages.stage("benchmark_report")
 
 
-@dg.asset(group_name=EVALUATION, deps=REPORT_INPUTS, kinds={"lmeval", "duckdb", "llamacpp"},
-          description="lm-eval (MMLU, GSM8K, BBH, HumanEval when opted in, WikiText-2 perplexity, the demo "
-                      "held-out tasks) over every stage and plain Q4_0/Q8_0 GGUFs of qlora_model, on the same "
-                      "items; retention vs qlora_model with paired-bootstrap intervals, sizes, llama.cpp speed.")
+@dg.asset(name=REPORT.name, deps=list(REPORT.inputs), group_name=REPORT.group, kinds=set(REPORT.kinds),
+          description=REPORT.description, code_version=REPORT.code_version, retry_policy=RETRY)
 def benchmark_report(context: dg.AssetExecutionContext, refinery: RefineryResource, duckdb: DuckDBResource,
                      pipes: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     from refinery.evaluate import load_report
-    from refinery.report import (markdown, pareto_figure, record_scores, retention_cell, score_cell,
-                                 task_bars_figure)
+    from refinery.report import fidelity_rows, pareto_figure, record_scores, task_bars_figure
 
-    result, artifact = run_stage(context, "refinery.evaluate", REPORT_INPUTS)
+    result, artifact = run_stage(context, REPORT.name)
     doc = load_report(artifact.path)
     with duckdb.get_connection() as conn:
         rows = record_scores(conn, doc, run_id=context.run_id)
-    scores = [{"model": m["label"], "bytes": m["bytes"], "bits/weight": round(m["bits_per_weight"], 2),
-               "tokens/s": m["tokens_per_second"] and round(m["tokens_per_second"], 1),
-               **{t: score_cell(s) for t, s in m["scores"].items()}} for m in doc["models"]]
-    retention = [{"model": label, **{t: retention_cell(r) for t, r in per_task.items()}}
-                 for label, per_task in doc["retention"].items()]
+    task_models = [m for m in doc["models"] if m["scores"]]
+    tasks = [{"task": t, "chance": i["chance"], "gated": i["gated"],
+              **{m["label"]: m["scores"][t]["value"] for m in task_models if t in m["scores"]}}
+             for t, i in doc["tasks"].items()]
     # What a reader looks at first goes first: the UI keeps this order.
-    return dg.MaterializeResult(data_version=result.data_version, metadata={
-        "quality_vs_size": png_markdown(pareto_figure(doc), "quality versus size, Pareto frontier"),
-        "retention_vs_qlora_model": markdown_table(retention),
-        "scores": markdown_table(scores),
-        "task_scores": png_markdown(task_bars_figure(doc), "per-task scores"),
-        "report": dg.MetadataValue.md(markdown(doc)),
+    metadata = {
+        "what_the_chain_bought": dg.MetadataValue.md(doc["pareto"]["sentence"]),
+        "kld_vs_size": png_markdown(pareto_figure(doc), "KL divergence against .zst bytes, Pareto frontier"),
+        "fidelity": markdown_table(fidelity_rows(doc)),
+        "tasks": markdown_table(tasks),
+        "report": dg.MetadataValue.md((artifact.path / "report.md").read_text(encoding="utf-8")),
         "duckdb_rows": rows,
-        # lineage and artifact, not the per-score scalars: those are in the tables above
-        **{k: v for k, v in result.metadata.items() if k in ARTIFACT_KEYS or k.startswith("input.")},
-    })
+        **result.metadata,
+    }
+    if tasks:
+        metadata["task_scores"] = png_markdown(task_bars_figure(doc), "task scores")
+    return dg.MaterializeResult(data_version=result.data_version, metadata=metadata)
 
 
 def _report(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dict:
     from refinery.evaluate import load_report
 
-    return load_report(upstream_artifact(context, "benchmark_report", refinery.home_path()).path)
+    return load_report(upstream_artifact(context, REPORT.name, refinery.home_path()).path)
 
 
 def _result(gate) -> dg.AssetCheckResult:
@@ -68,47 +67,31 @@ def _result(gate) -> dg.AssetCheckResult:
             metadata[key] = value if value is not None else "none"
         else:
             metadata[key] = str(value)
-    return dg.AssetCheckResult(passed=gate.passed, metadata=metadata)
+    return dg.AssetCheckResult(passed=gate.passed, metadata=metadata, description=gate.why or None)
 
 
-@dg.asset_check(asset=benchmark_report, name="retention_meets_thresholds", blocking=True)
-def retention_meets_thresholds(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dg.AssetCheckResult:
-    """recovered_model keeps eval.tasks[t].min_retention of qlora_model's score on every task."""
-    from refinery.release import check_retention
+def gate_check(gate) -> dg.AssetChecksDefinition:
+    """A blocking check on benchmark_report running one of refinery.release's gates."""
+    name = gate.__name__.removeprefix("check_")
+    check_name = {"fidelity": "fidelity_within_limits", "pareto": "not_beaten_by_plain_quantization",
+                  "retention": "retention_meets_thresholds", "llamacpp": "gguf_loads_in_llamacpp",
+                  "zstd_roundtrip": "zstd_roundtrip_verifies", "size": "release_size_within_limit",
+                  "decontamination": "decontamination_clean"}[name]
 
-    return _result(check_retention(_report(context, refinery), refinery.load_profile()))
+    @dg.asset_check(asset=REPORT.name, name=check_name, blocking=True, description=gate.__doc__)
+    def _check(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dg.AssetCheckResult:
+        return _result(gate(_report(context, refinery)))
 
-
-@dg.asset_check(asset=benchmark_report, name="gguf_loads_in_llamacpp", blocking=True)
-def gguf_loads_in_llamacpp(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dg.AssetCheckResult:
-    """The release GGUF loads and generates in llama.cpp."""
-    from refinery.release import check_llamacpp
-
-    return _result(check_llamacpp(_report(context, refinery)))
-
-
-@dg.asset_check(asset=benchmark_report, name="zstd_roundtrip_verifies", blocking=True)
-def zstd_roundtrip_verifies(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dg.AssetCheckResult:
-    """model.gguf.zst decompresses to exactly the model.gguf its manifest names."""
-    from refinery.release import check_zstd_roundtrip
-
-    return _result(check_zstd_roundtrip(_report(context, refinery)))
+    return _check
 
 
-@dg.asset_check(asset=benchmark_report, name="release_size_within_limit", blocking=True)
-def release_size_within_limit(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dg.AssetCheckResult:
-    """The .gguf.zst is at most release.max_bytes."""
-    from refinery.release import check_size
+def _gate_checks() -> list[dg.AssetChecksDefinition]:
+    from refinery.release import GATES
 
-    return _result(check_size(_report(context, refinery), refinery.load_profile()))
+    return [gate_check(g) for g in GATES]
 
 
-@dg.asset_check(asset=benchmark_report, name="decontamination_clean", blocking=True)
-def decontamination_clean(context: dg.AssetCheckExecutionContext, refinery: RefineryResource) -> dg.AssetCheckResult:
-    """The corpus qlora_model trained on shares no n-gram with an evaluation set (per the report)."""
-    from refinery.release import check_decontamination
-
-    return _result(check_decontamination(_report(context, refinery)))
+gate_checks = _gate_checks()
 
 
 @dg.asset_check(asset="deduped_corpus", name="no_eval_contamination", blocking=True)
@@ -124,7 +107,10 @@ def no_eval_contamination(context: dg.AssetCheckExecutionContext, refinery: Refi
     texts = eval_texts_for(profile, Path(heldout) if heldout and Path(heldout).exists() else None)
     kept = pq.read_table(deduped.path / "kept.parquet", columns=["id", "messages"])
     found = find_contaminated(kept, texts, profile.decontam.ngram)
-    return dg.AssetCheckResult(passed=not found, metadata={
+    named = ", ".join(list(found)[:20]) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+    failure = (f"{len(found)} kept records share a {profile.decontam.ngram}-gram with an evaluation set "
+               f"(decontam.action: {profile.decontam.action}): {named}")
+    return dg.AssetCheckResult(passed=not found, description=failure if found else None, metadata={
         "ngram": profile.decontam.ngram, "action": profile.decontam.action, "kept_records": kept.num_rows,
         "contaminated": len(found), "threshold": 0, "eval_sets": ", ".join(sorted(texts)),
         "examples": markdown_table([{"id": k, "detail": v} for k, v in list(found.items())[:20]])})
@@ -132,13 +118,13 @@ def no_eval_contamination(context: dg.AssetCheckExecutionContext, refinery: Refi
 
 @dg.asset(group_name=RELEASE, deps=[benchmark_report], kinds={"gguf", "zstd", "ollama"},
           description="The release bundle: model.gguf.zst, a Hugging Face model card, an Ollama Modelfile, the "
-                      "training and compression recipes, raw lm-eval results and checksums. Made only when every "
-                      "blocking check passed.")
+                      "training and compression recipes, the report and checksums. Made only when every blocking "
+                      "check passed; its gates read the thresholds the report recorded.")
 def release(context: dg.AssetExecutionContext, refinery: RefineryResource) -> dg.MaterializeResult:
     from refinery import release as release_stage
 
     home = refinery.home_path()
-    report = upstream_artifact(context, "benchmark_report", home)
+    report = upstream_artifact(context, REPORT.name, home)
     artifact = release_stage.build(refinery.load_profile(), inputs={"benchmark_report": report}, home=home,
                                    log=context.log.info)
     card = (artifact.path / "README.md").read_text(encoding="utf-8")

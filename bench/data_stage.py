@@ -1,4 +1,4 @@
-"""Benchmark of the deduped_corpus stage (language ID + exact + near dedup); prints JSON.
+"""Benchmark of the data stage (streaming ingest -> language ID -> decontamination -> exact + near dedup); prints JSON.
 
     python bench/data_stage.py [--records 640000] [--profile demo] [--naive-sample 2000]
     python bench/data_stage.py --langid-grid      # the measurement behind langid.text / max_chars
@@ -13,6 +13,11 @@ Ground truth: a planted near copy should be removed when the exact Jaccard of it
 original is >= the threshold. Precision is checked independently with Python sets of the real
 n-gram strings on removed pairs. The naive reference (datasketch MinHash.update per shingle +
 MinHashLSH) runs on a sample in the same process, for the speed ratio.
+
+The stage runs in a child process (its peak RSS is its own) with the profile's data_engine and
+dedup settings: ``ingest_to`` reads the corpus's JSON lines (OpenAI chat format) into
+records.parquet, ``refinery.datastage.run_stage`` curates it batch by batch with decontamination
+against the profile's evaluation sets.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import sys
 import time
 from collections import Counter
@@ -32,10 +36,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.dedup_corpora import mutate  # noqa: E402,F401 - the planted edit, shared with tests/test_dedup.py
 from refinery.config import DedupConfig, LangIdConfig, load_profile, resolve_path  # noqa: E402
-from refinery.curate import curate  # noqa: E402
-from refinery.dedup import ShingleHasher, exact_jaccard, find_duplicates, normalize_many  # noqa: E402
+from refinery.dedup import Shingling, exact_jaccard, find_duplicates, normalize_many  # noqa: E402
 from refinery.langid import LanguageIdentifier, langid_text  # noqa: E402
+from refinery.modelstats import peak_rss_bytes  # noqa: E402
 from refinery.records import MESSAGE_TYPE, RECORD_SCHEMA  # noqa: E402
 
 DATA = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}")
@@ -65,21 +70,6 @@ def chinese_pairs() -> list[tuple[str, str]]:
            for r in _json(DATA / "llamafactory_demo/alpaca_zh_demo.json") + _json(DATA / "llamafactory_hist/oaast_sft_zh.json")]
     out += [(r["question"], r["std_answer"]) for r in _jsonl(DATA / "belle_zh/eval_set.json")]
     return out
-
-
-def mutate(text: str, fraction: float, rng: random.Random) -> str:
-    """Replace, delete or insert about ``fraction`` of the words (tests/test_dedup.py plants with it too)."""
-    words = text.split(" ")
-    for _ in range(max(1, round(len(words) * fraction))):
-        i = rng.randrange(len(words))
-        op = rng.random()
-        if op < 0.5:
-            words[i] = rng.choice(["alpha", "beta", "gamma", "delta", "omega"])
-        elif op < 0.75 and len(words) > 2:
-            del words[i]
-        else:
-            words.insert(i, rng.choice(["very", "really", "quite", "also"]))
-    return " ".join(words)
 
 
 def build_corpus(n: int, seed: int = 0, chinese: float = 0.03, exact: float = 0.03, near: float = 0.07):
@@ -181,25 +171,27 @@ def naive_reference(texts: list[str], cfg: DedupConfig) -> dict:
             "cpu_records_per_second": round(len(texts) / cpu, 1), "removed": removed}
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def stage_child(args) -> dict:
-    """The stage alone in a fresh process, so its peak RSS is its own (not the corpus builder's)."""
-    import pyarrow.parquet as pq
-
-    from refinery.curate import write_deduped_corpus
+    """The data stage alone in a fresh process, so its peak RSS is its own: streaming ingest of the
+    JSON lines into records.parquet, then the streaming curation (language ID, decontamination
+    against the profile's eval sets, exact + near dedup) into the deduped_corpus files."""
+    from refinery.config import SourceConfig
+    from refinery.datastage import StageContext, local_map, run_stage
+    from refinery.decontam import eval_texts_for
+    from refinery.ingest import ingest_to
 
     profile = load_profile(args.profile)
-    table = pq.read_table(args.stage_input)
+    out = Path(args.stage_output)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = curate(table, profile)
-    stage_s, stage_cpu = time.perf_counter() - t0, time.process_time() - c0
-    del table
-    t1 = time.perf_counter()
-    write_deduped_corpus(result, Path(args.stage_output))
-    return {"stage_seconds": stage_s, "stage_cpu_seconds": stage_cpu, "write_seconds": time.perf_counter() - t1,
+    raw = ingest_to([SourceConfig(name="bench", path=args.stage_input, format="openai")], out / "raw",
+                    max_record_bytes=profile.ingest.max_record_bytes, batch_records=profile.data_engine.batch_records)
+    t1, c1 = time.perf_counter(), time.process_time()
+    ctx = StageContext.build(profile, eval_texts_for(profile))
+    result = run_stage(out / "raw" / "records.parquet", out / "curated", profile, map_fn=local_map(ctx))
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"stage_seconds": t2 - t0, "stage_cpu_seconds": c2 - c0, "ingest_seconds": t1 - t0,
+            "ingest_cpu_seconds": c1 - c0, "curate_seconds": t2 - t1, "write_seconds": result.stats["seconds"]["write"],
+            "decontam_ngrams": len(ctx.decontam) if ctx.decontam else 0, "ingested": raw["kept"],
             "peak_rss_bytes": peak_rss_bytes(), "stats": result.stats, "counts": result.counts}
 
 
@@ -215,16 +207,22 @@ def run_stage(args) -> dict:
     table, truth, is_zh = build_corpus(args.records, args.seed)
     build_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        pq.write_table(table, Path(tmp) / "records.parquet")
+        src = Path(tmp) / "records.jsonl"
+        with open(src, "w", encoding="utf-8") as f:  # the OpenAI chat format, one of ingest's six
+            for rid, messages in zip(table["id"].to_pylist(), table["messages"].to_pylist()):
+                f.write(json.dumps({"id": rid, "messages": messages}, ensure_ascii=False) + "\n")
         load_before = os.getloadavg()
-        proc = subprocess.run([sys.executable, __file__, "--profile", args.profile,
-                               "--stage-input", str(Path(tmp) / "records.parquet"),
+        proc = subprocess.run([sys.executable, __file__, "--profile", args.profile, "--stage-input", str(src),
                                "--stage-output", str(Path(tmp) / "out")], capture_output=True, text=True)
         load_after = os.getloadavg()
         if proc.returncode != 0:
             raise SystemExit(f"stage process failed:\n{proc.stderr}")
         child = json.loads(proc.stdout)
-        rej = pq.read_table(Path(tmp) / "out" / "rejected.parquet", columns=["id", "reason", "duplicate_of"])
+        rej = pq.read_table(Path(tmp) / "out" / "curated" / "rejected.parquet", columns=["id", "reason", "duplicate_of"])
+        # ingest gives each record its content id; map them back to the corpus's row ids
+        raw_ids = pq.read_table(Path(tmp) / "out" / "raw" / "records.parquet", columns=["id", "source_line"])
+        corpus_ids = table["id"].to_pylist()
+        row_id = dict(zip(raw_ids["id"].to_pylist(), (corpus_ids[n - 1] for n in raw_ids["source_line"].to_pylist())))
     stage_s, stage_cpu, peak = child["stage_seconds"], child["stage_cpu_seconds"], child["peak_rss_bytes"]
 
     class _Result:  # what the evaluation below reads
@@ -236,8 +234,8 @@ def run_stage(args) -> dict:
     reason = {rid: None for rid in ids}
     dup_of = {}
     for rid, why, of in zip(rej["id"].to_pylist(), rej["reason"].to_pylist(), rej["duplicate_of"].to_pylist()):
-        reason[rid] = why
-        dup_of[rid] = of
+        reason[row_id[rid]] = why
+        dup_of[row_id[rid]] = row_id.get(of, of)
 
     # ground truth: true Jaccard of each planted near copy with its original (normalized dedup keys)
     def key(i: int) -> str:
@@ -247,7 +245,7 @@ def run_stage(args) -> dict:
     near_rows = [r for r, (o, kind) in truth.items() if kind == "near"]
     keys = normalize_many([key(r) for r in near_rows] + [key(truth[r][0]) for r in near_rows])
     k = len(near_rows)
-    true_j = exact_jaccard(ShingleHasher(dcfg.shingle, dcfg.ngram, dcfg.seed), keys,
+    true_j = exact_jaccard(Shingling(dcfg.shingle, dcfg.ngram, dcfg.seed), keys,
                            np.array([(i, i + k) for i in range(k)]))
     should = {ids[r] for r, j in zip(near_rows, true_j) if j >= dcfg.threshold}
     removed_dup = {rid for rid, why in reason.items() if why in ("near_duplicate", "exact_duplicate")}
@@ -273,46 +271,30 @@ def run_stage(args) -> dict:
             "english_rejected": len(non_en - zh_ids) / max(len(ids) - len(zh_ids), 1)}
 
     secs = result.stats["seconds"]
-    dedup_s = secs["normalize"] + secs["dedup"]  # the dedup keys' normalization, exact and near dedup
     dstats = result.stats["dedup"]
-    dedup_in = dstats["records"]
-    near_s = dstats["seconds"]["total"] - dstats["seconds"]["exact"]
-
-    # naive reference vs ours on the same sample of dedup keys
+    # naive reference vs ours on the same sample of dedup keys, in this run
     sample_keys = normalize_many([key(i) for i in range(min(args.naive_sample, len(ids)))])
     naive = naive_reference(sample_keys, dcfg)
+    find_duplicates(["a", "b"], sample_keys[:2], dcfg, normalized=True)  # numba loads its compiled code once
     t0 = time.perf_counter()
     find_duplicates([str(i) for i in range(len(sample_keys))], sample_keys, dcfg, normalized=True)
     ours_sample = len(sample_keys) / (time.perf_counter() - t0)
-
     return {
         "records": len(ids), "profile": profile.name, "cpu_count": os.cpu_count(),
-        "loadavg_before": load_before, "loadavg_after": load_after,
-        "build_corpus_seconds": round(build_s, 2),
-        "stage_seconds": round(stage_s, 2), "write_seconds": round(child["write_seconds"], 2),
-        "stage_records_per_second": round(len(ids) / stage_s, 1),
-        "stage_cpu_seconds": round(stage_cpu, 2),  # this process's CPU time: what the wall time would be alone on a core
-        "langid": {"seconds": round(secs["langid"], 2), "records_per_second": round(len(ids) / secs["langid"], 1),
-                   "cpu_seconds": round(result.stats["cpu_seconds"]["langid"], 2),
-                   "cpu_records_per_second": round(len(ids) / result.stats["cpu_seconds"]["langid"], 1),
-                   **{k: round(v, 4) for k, v in lang.items()}, "text": profile.langid.text,
-                   "max_chars": profile.langid.max_chars},
-        "dedup": {"records_in": dedup_in, "seconds": round(dedup_s, 2),
-                  "exact_seconds": round(dstats["seconds"]["exact"], 2),
-                  "near_seconds": round(near_s, 2),
-                  "near_records_per_second": round(dedup_in / near_s, 1),  # signatures + LSH + verify
-                  "near_cpu_seconds": round(dstats["cpu_seconds"]["near"], 2),
-                  "near_cpu_records_per_second": round(dedup_in / dstats["cpu_seconds"]["near"], 1),
-                  "normalize_cpu_seconds": round(result.stats["cpu_seconds"]["normalize"], 2),
-                  "exact_cpu_seconds": round(dstats["cpu_seconds"]["exact"], 2),
-                  "dedup_records_per_second": round(dedup_in / dedup_s, 1),
-                  "breakdown_seconds": {k: round(v, 2) for k, v in dstats["seconds"].items()},
-                  "bands": dstats["bands"], "rows": dstats["rows"],
-                  "normalize_seconds": round(secs["normalize"], 2),
-                  "candidate_pairs": dstats["candidate_pairs"], "prefiltered_pairs": dstats["prefiltered_pairs"],
-                  "verified_pairs": dstats["verified_pairs"],
-                  "shingle": dcfg.shingle, "ngram": dcfg.ngram, "num_perm": dcfg.num_perm,
-                  "threshold": dcfg.threshold, "batch_size": dcfg.batch_size},
+        "loadavg_before": load_before, "loadavg_after": load_after, "build_corpus_seconds": round(build_s, 2),
+        "stage_seconds": round(stage_s, 2), "stage_cpu_seconds": round(stage_cpu, 2),
+        "stage_records_per_second": round(len(ids) / stage_s, 1), "stage_peak_rss_bytes": peak,
+        "ingest_seconds": round(child["ingest_seconds"], 2), "ingest_cpu_seconds": round(child["ingest_cpu_seconds"], 2),
+        "curate_seconds": round(child["curate_seconds"], 2),
+        "curate_breakdown_seconds": {k: round(v, 2) for k, v in secs.items()},
+        "curate_cpu_seconds": {k: round(v, 2) for k, v in result.stats["cpu_seconds"].items()},
+        "batch_records": result.stats["batch_records"], "decontam_ngrams": child["decontam_ngrams"],
+        "dedup": {k: dstats[k] for k in ("records", "bands", "rows", "candidate_pairs", "prefiltered_pairs",
+                                         "largest_bucket", "verified_pairs", "exact_duplicates", "near_duplicates")}
+                 | {"seconds": {k: round(v, 2) for k, v in dstats["seconds"].items()},
+                    "shingle": dcfg.shingle, "ngram": dcfg.ngram, "num_perm": dcfg.num_perm, "threshold": dcfg.threshold},
+        "langid": {k: round(v, 4) for k, v in lang.items()} | {"text": profile.langid.text,
+                                                                "max_chars": profile.langid.max_chars},
         "quality": {"should_remove": len(should), "recall": round(recall, 4), "precision": round(precision, 4),
                     "precision_sample": len(sample), "f1": round(f1, 4),
                     "planted_near": len(planted_near), "planted_near_recall": round(planted_recall, 4),
@@ -320,10 +302,7 @@ def run_stage(args) -> dict:
         "counts": result.counts,
         "naive_reference": naive,
         "ours_on_naive_sample_records_per_second": round(ours_sample, 1),
-        "speed_ratio_near_vs_naive": round((dedup_in / near_s) / naive["records_per_second"], 1),
-        "speed_ratio_near_vs_naive_cpu": round((dedup_in / dstats["cpu_seconds"]["near"])
-                                               / naive["cpu_records_per_second"], 1),
-        "stage_peak_rss_bytes": peak,
+        "speed_ratio_dedup_vs_naive_same_sample": round(ours_sample / naive["records_per_second"], 1),
     }
 
 
@@ -419,7 +398,7 @@ def shingle_grid(args) -> dict:
         found = sum(res.status[len(base) + i] != "kept" for i in range(len(planted)))
         wrong = sum(res.status[i] != "kept" for i in range(len(base)))
         norm = normalize_many(texts)
-        j = exact_jaccard(ShingleHasher(shingle, ngram), norm, np.array([(i, len(base) + i) for i in range(len(planted))]))
+        j = exact_jaccard(Shingling(shingle, ngram), norm, np.array([(i, len(base) + i) for i in range(len(planted))]))
         out.append({"shingle": shingle, "ngram": ngram, "planted_found": round(found / len(planted), 4),
                     "planted_mean_jaccard": round(float(j.mean()), 4),
                     "planted_jaccard_ge_threshold": round(float((j >= 0.8).mean()), 4),

@@ -1,5 +1,6 @@
 """QLoRA training speed on this machine: the demo profile's model (SmolLM2-135M) through axolotl,
-with and without sample packing (and with bf16), a few steps each. Prints one JSON object.
+with and without sample packing, a few steps each, in the profile's compute.dtype (bf16 on a GPU;
+axolotl trains fp32 on the CPU). Prints one JSON object.
 
     .venv/bin/python bench/train_speed.py --steps 6 [--records 400] [--home /tmp/bench-home]
 
@@ -16,6 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,24 +43,19 @@ def corpus(home: Path, records: int):
     return load_artifact(st.path)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="demo")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--records", type=int, default=400)
-    parser.add_argument("--home", default=None)
-    parser.add_argument("--variants", default="packing,no_packing,packing_bf16")
-    args = parser.parse_args()
-    home = Path(args.home or tempfile.mkdtemp(prefix="refinery-bench-"))
+VARIANTS = {"packing": {"sample_packing": True}, "no_packing": {"sample_packing": False}}
+
+
+def measure(profile_name: str, *, steps: int, records: int, home: Path,
+            variants: list[str]) -> dict[str, Any]:
+    """One whole refinery.train.build per variant; what each one measured."""
     os.environ["REFINERY_HOME"] = str(home)
-    profile = load_profile(args.profile)
+    profile = load_profile(profile_name)
     inputs = {"base_model": base_model.build(profile, home=home, log=lambda _: None),
-              "deduped_corpus": corpus(home, args.records)}
-    variants = {"packing": {"sample_packing": True}, "no_packing": {"sample_packing": False},
-                "packing_bf16": {"sample_packing": True, "bf16": True}}
-    results = {}
-    for name in args.variants.split(","):
-        overrides = {**variants[name], "max_steps": args.steps, "early_stopping_patience": None}
+              "deduped_corpus": corpus(home, records)}
+    results: dict[str, Any] = {}
+    for name in variants:
+        overrides = {**VARIANTS[name], "max_steps": steps, "early_stopping_patience": None}
         variant = profile.model_copy(update={"train": profile.train.model_copy(update=overrides)})
         try:
             art = train.build(variant, inputs=inputs, home=home, log=lambda _: None)
@@ -66,14 +63,26 @@ def main() -> int:
             results[name] = {"error": str(exc)[-1500:]}
             continue
         m = art.manifest["metrics"]
-        results[name] = {k: m[k] for k in ("tokens_per_second", "tokens_seen", "token_slots_seen",
-                                            "steps", "epochs", "train_seconds", "seconds",
-                                            "train_loss_first", "train_loss_last", "val_loss_last",
-                                            "perplexity", "peak_rss_bytes")}
-    print(json.dumps({"profile": args.profile, "model": profile.base_model.name, "steps": args.steps,
-                      "micro_batch_size": profile.train.micro_batch_size,
-                      "sequence_len": profile.train.sequence_len, "cpus": os.cpu_count(),
-                      "results": results}, indent=2))
+        results[name] = {k: m.get(k) for k in ("tokens_per_second", "tokens_seen", "token_slots_seen",
+                                                "steps", "epochs", "train_seconds", "seconds",
+                                                "train_loss_first", "train_loss_last", "val_loss_last",
+                                                "perplexity", "peak_rss_bytes", "compute")}
+    return {"profile": profile_name, "model": profile.base_model.name, "steps": steps,
+            "micro_batch_size": profile.train.micro_batch_size,
+            "sequence_len": profile.train.sequence_len, "cpus": os.cpu_count(), "results": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--home", default=None)
+    parser.add_argument("--variants", default="packing,no_packing")
+    args = parser.parse_args()
+    home = Path(args.home or tempfile.mkdtemp(prefix="refinery-bench-"))
+    print(json.dumps(measure(args.profile, steps=args.steps, records=args.records, home=home,
+                             variants=args.variants.split(",")), indent=2))
     return 0
 
 

@@ -10,8 +10,8 @@ a scale (0 * s = 0), and with integer zero points a weight of 0 quantizes to exa
 point, which dequantizes to exactly 0. The stage still re-applies the input's zero mask before
 saving and measures the saved model per layer, so a library change that breaks this is caught.
 
-``awq.backend: autoawq`` selects the AutoAWQ package, which its authors deprecated in favour of
-llm-compressor; it is an optional extra (``pip install refinery[autoawq]``).
+AutoAWQ, the package the seed plan named, is archived: its authors moved AWQ into llm-compressor,
+which runs it here. refinery has no autoawq backend (docs/compression.md says why).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from refinery import device, memory_plan
 from refinery.artifacts import Artifact, load_artifact, staged_artifact
 from refinery.calibration import calibration_dataset
 from refinery.config import AWQConfig, Profile
-from refinery.modelstats import (ConfigError, Timer, heldout_text, load_model,
+from refinery.modelstats import (Timer, heldout_text, load_model,
                                  measure_saved_model, perplexity, validate_model_config)
-from refinery.prune import input_paths, run_oneshot, save_compressed, stage_metrics, storage_dtype
+from refinery.prune import input_paths, input_perplexity, run_oneshot, save_compressed, stage_metrics, storage_dtype
 
 STAGE = "awq_model"
 IGNORE = ["lm_head"]  # the tied embedding / output head stays in its original precision
@@ -96,35 +97,23 @@ def reapply_masks(model: Any, masks: dict[str, Any]) -> int:
     return lost
 
 
-def check_backend(cfg: AWQConfig) -> None:
-    if cfg.backend == "llmcompressor":
-        return
-    try:
-        import awq  # noqa: F401  (the autoawq package)
-    except ImportError:
-        raise ConfigError("awq.backend: autoawq is not installed; `pip install refinery[autoawq]`, "
-                          "or use backend: llmcompressor (autoawq is deprecated upstream in favour "
-                          "of llm-compressor, which runs the same AWQ)") from None
-    raise ConfigError("awq.backend: autoawq is installed but refinery runs AWQ through "
-                      "llm-compressor only; autoawq is deprecated upstream and needs "
-                      "monkeypatches to load its checkpoints on CPU (docs/compression.md)")
-
-
 def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=print) -> Artifact:
     from transformers import AutoTokenizer
 
     cfg = profile.awq
-    check_backend(cfg)
+    placement = device.select(profile)
     model_in, kept = input_paths(inputs, "pruned_model")
     checked = validate_model_config(model_in, group_size=cfg.group_size, key_prefix="awq")
+    plan = memory_plan.check(STAGE, profile, placement, model_dir=model_in, log=log)
     modifiers = recipe(cfg)
     text = heldout_text(profile)
     tokens = profile.eval.perplexity_tokens
 
     with Timer() as total:
         tokenizer = AutoTokenizer.from_pretrained(model_in)
-        model = load_model(model_in)  # float32 compute; saved in the input's dtype
-        ppl_before = perplexity(model, text, tokenizer=tokenizer, max_tokens=tokens)
+        model = load_model(model_in, placement=placement)  # saved in the input's dtype
+        ppl_before = input_perplexity(inputs["pruned_model"], tokens) or perplexity(model, text, tokenizer=tokenizer,
+                                                                              max_tokens=tokens)
         masks = zero_masks(model)
         # the same arithmetic as modelstats.linear_sparsity, so equal zero counts compare equal
         sparsity_in = {n: float(m.sum().item()) / m.numel() for n, m in masks.items()}
@@ -150,7 +139,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
             save_compressed(model, tokenizer, out, dtype=storage_dtype(model_in))
             del model, masks
             shutil.copy(out / "recipe.yaml", st.path / "recipe.yaml")
-            after = measure_saved_model(out, text, max_tokens=tokens)
+            after = measure_saved_model(out, text, max_tokens=tokens, placement=placement)
             lost = {n: (sparsity_in[n], after["sparsity_per_layer"].get(n, 0.0)) for n in sparsity_in
                     if after["sparsity_per_layer"].get(n, 0.0) < sparsity_in[n]}
             if lost:
@@ -168,6 +157,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
                 group_size=cfg.group_size, scheme=cfg.scheme,
                 sparsity_input=sparsity_in_overall,
                 zeros_restored=zeros_restored, calibration_samples=calib["samples"],
-                calibration_tokens=calib["tokens"], config=config, checked=checked)
+                calibration_tokens=calib["tokens"], config=config, checked=checked,
+                compute=device.metadata(placement), memory_plan=plan.metadata())
     log(f"awq_model: done in {total.seconds:.1f} s")
     return load_artifact(st.path)

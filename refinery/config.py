@@ -97,7 +97,21 @@ class DedupConfig(_Strict):
     # false positives): candidates are verified by exact Jaccard, so missing a pair costs more.
     false_negative_weight: float = Field(default=0.95, gt=0, lt=1)
     batch_size: int = Field(default=50_000, gt=0)
+    # candidate pairs are verified in runs whose texts add up to this many characters (memory:
+    # about 12 bytes each); buckets are never capped, so this is what bounds the verification
+    verify_chunk_chars: int = Field(default=8_000_000, gt=0)
     seed: int = 1
+
+
+class DataEngineConfig(_Strict):
+    """Where the curation steps run (refinery.datastage): here, batch after batch, or on Ray."""
+
+    kind: Literal["local", "ray"] = "local"
+    # ray: the cluster's address (ray://host:10001 or host:6379); None starts a local Ray
+    address: str | None = None
+    workers: int = Field(default=2, gt=0)  # map tasks in flight (local Ray: its CPUs)
+    batch_records: int = Field(default=20_000, gt=0)  # records a step holds at once (~25 MB of text each 1K)
+    spill_dir: str | None = None  # the normalized texts' spill file; None: the system temp dir
 
 
 class VerifyConfig(_Strict):
@@ -161,7 +175,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = 3
     max_train_records: int | None = Field(default=None, gt=0)
     max_val_records: int | None = Field(default=None, gt=0)  # evaluation cost caps it on CPU
-    bf16: bool = False
+    # several GPUs of one node (accelerate launch, one process per visible GPU); precision is
+    # compute.dtype. zero2: optimizer and gradients sharded; zero3 and fsdp (FSDP2): weights too
+    distributed: Literal["none", "deepspeed_zero2", "deepspeed_zero3", "fsdp"] = "none"
     seed: int = 42
     # dtype of the merged model: float32 keeps the small LoRA deltas that bfloat16 rounding loses
     merged_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -189,7 +205,6 @@ class PruneConfig(_Strict):
 
 
 class AWQConfig(_Strict):
-    backend: Literal["llmcompressor", "autoawq"] = "llmcompressor"
     scheme: Literal["W4A16", "W4A16_ASYM"] = "W4A16_ASYM"
     group_size: int = Field(default=64, gt=0)  # must divide the model's hidden and MLP sizes
     calibration_samples: int = Field(default=32, gt=0)
@@ -197,7 +212,8 @@ class AWQConfig(_Strict):
 
 
 class GGUFConfig(_Strict):
-    type: Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"] = "Q4_0"
+    # auto: the block type that holds the AWQ grid exactly (symmetric group 32: Q4_0, asymmetric: Q4_1)
+    type: Literal["auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"] = "auto"
     # token embedding (= tied output layer): "auto" keeps it Q8_0 under 4/5-bit types. SmolLM2-135M,
     # llama.cpp perplexity: Q8_0 everywhere 18.47, Q8_0 with a Q4_0 embedding 20.34 (bench/bench_gguf.py)
     embedding_type: Literal["auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"] = "auto"
@@ -205,19 +221,32 @@ class GGUFConfig(_Strict):
 
 
 class RecoveryConfig(_Strict):
-    """Recovery training on the compressed model that keeps its sparsity and bit width."""
+    """Recovery distillation that keeps the sparsity and the 4-bit format (refinery.recover).
 
-    method: Literal["distill", "lora"] = "distill"
-    steps: int = Field(default=60, gt=0)
-    learning_rate: float = Field(default=1e-4, gt=0)
+    The defaults come from a measured sweep on the demo model (bench/recovery_sweep.py,
+    docs/compression.md). recovery.method "lora" (an adapter merged back onto the grid) was never
+    implemented and is not offered; docs/gpu.md has its memory estimate for the 8B plan.
+    """
+
+    method: Literal["distill"] = "distill"
+    # what trains: the group scales, the RMSNorm gains, the 4-bit codes (straight-through)
+    train: list[Literal["scales", "norms", "codes"]] = ["scales", "norms"]
+    steps: int = Field(default=60, gt=0)  # at most: early stopping usually ends it sooner
+    learning_rate: float = Field(default=1e-3, gt=0)
     micro_batch_size: int = Field(default=4, gt=0)
     sequence_len: int = Field(default=256, gt=0)
-    temperature: float = Field(default=2.0, gt=0)
-    lora_r: int = Field(default=16, gt=0)
-    # distill: the norms are float and outside the 4-bit grid, so they may train too
-    train_norms: bool = True
-    eval_sequences: int = Field(default=8, gt=0)  # held-out sequences for the before/after KL
+    temperature: float = Field(default=1.0, gt=0)
+    eval_every: int = Field(default=5, gt=0)  # steps between held-out KL evaluations
+    patience: int = Field(default=3, gt=0)  # evaluations without improvement before stopping
+    eval_sequences: int = Field(default=8, gt=0)  # held-out conversation blocks for early stopping
     seed: int = 0
+
+    @field_validator("train")
+    @classmethod
+    def _something(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("recovery.train needs at least one of scales, norms, codes")
+        return sorted(set(v))
 
 
 class EvalTask(_Strict):
@@ -227,11 +256,27 @@ class EvalTask(_Strict):
     max_gen_toks: int | None = Field(default=None, gt=0)  # generative tasks; None: the task's default
 
 
+class FidelityConfig(_Strict):
+    """The held-out token set every GGUF is scored on against qlora_model (refinery.fidelity)."""
+
+    chunk: int = Field(default=512, gt=1)  # tokens per chunk, each evaluated from an empty context
+    wikitext_chunks: int = Field(default=16, ge=0)  # from the WikiText-2 test text
+    conversation_chunks: int = Field(default=16, ge=0)  # from the demo's held-out conversations
+    n_threads: int | None = Field(default=None, gt=0)  # llama.cpp threads; None: every core
+
+
 class EvalConfig(_Strict):
     data_dir: str = "${REFINERY_SHARED_DATA:-../shared/data}"
+    fidelity: FidelityConfig = FidelityConfig()
+    # models whose benchmark tasks are scored (fidelity covers every GGUF): the base model, the dense
+    # baseline and the release candidate tell whether fine-tuning helped and what compression kept
+    task_models: list[str] = ["base_model", "qlora_model", "recovered_model"]
     offline: bool = True  # generate local lm-eval task YAMLs; False uses lm-eval's own task names
     tasks: dict[str, EvalTask] = {}  # mmlu, gsm8k, bbh, humaneval, wikitext, demo_heldout
     humaneval_execute: bool = False  # runs model-written code in a sandboxed subprocess
+    # bwrap: namespaces + rlimits, refuses to run where bubblewrap does not work; none: rlimits only
+    # (an explicit opt-out; the report says in bold that the code ran without isolation)
+    humaneval_isolation: Literal["bwrap", "none"] = "bwrap"
     perplexity_tokens: int = Field(default=2048, gt=0)
     speed_tokens: int = Field(default=64, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -240,12 +285,76 @@ class EvalConfig(_Strict):
 
 class DecontamConfig(_Strict):
     ngram: int = Field(default=13, gt=0)
+    # remove: contaminated records leave deduped_corpus (reason "contaminated"); block: they stay,
+    # the blocking check no_eval_contamination fails naming them, and training does not start
     action: Literal["remove", "block"] = "remove"
+
+
+class BaselinesConfig(_Strict):
+    """What a user would do instead of the chain: llama.cpp's own quantizer on qlora_model."""
+
+    types: list[str] = ["Q8_0", "Q4_K_M", "Q4_0", "IQ4_XS"]  # llama.cpp ftypes, its default choices
+    imatrix_types: list[str] = ["Q4_0", "IQ4_XS"]  # the same with an English importance matrix
+    imatrix_samples: int = Field(default=32, gt=0)  # calibration records (the AWQ calibration rule)
+    imatrix_seq_len: int = Field(default=256, gt=0)
+
+
+class GatesConfig(_Strict):
+    """Release thresholds, recorded by benchmark_report when it runs and read by the release from
+    there. Gates compare interval bounds (95%), never point estimates."""
+
+    max_kld: float = Field(default=0.25, gt=0)  # upper bound of the shipped GGUF's mean KLD vs qlora_model
+    max_kld_p99: float | None = Field(default=None, gt=0)  # upper bound of its 99th-percentile KLD
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)  # lower bound
+    # blocked when a plain llama.cpp quantization at no more .zst bytes has a lower KLD, intervals apart
+    pareto: bool = True
 
 
 class ReleaseConfig(_Strict):
     max_bytes: int = Field(default=200_000_000, gt=0)  # size target of the .gguf.zst
     name: str = "refinery-model"
+
+
+# --------------------------------------------------------------------------- where it runs
+
+
+class ComputeConfig(_Strict):
+    """Device and dtype of every model stage (refinery.device) and the memory plan's margin."""
+
+    # auto: the GPU when torch sees one, else the CPU; cuda without a GPU is an error at once
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bfloat16 on a GPU (float16 where the GPU has no bf16), float32 on the CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # share of the device's free memory a stage may plan to use (refinery.memory_plan)
+    memory_fraction: float = Field(default=0.9, gt=0, le=1)
+
+
+class ClusterConfig(_Strict):
+    """Where the Pipes-launched stages run: here (local) or one Kubernetes pod each (k8s).
+
+    resources/cluster.py builds the Dagster resource from this; docs/cluster.md shows the setup.
+    """
+
+    kind: Literal["local", "k8s"] = "local"
+    namespace: str = "refinery"
+    image: str | None = None  # required for k8s: built from docker/Dockerfile
+    project_dir: str = "/opt/refinery"  # where the image holds this repository and its venvs
+    gpus: int = Field(default=1, ge=0)  # nvidia.com/gpu per stage pod
+    cpu: str | None = None  # resource request and limit, e.g. "8"
+    memory: str | None = None  # e.g. "120Gi"
+    # ReadWriteMany claim mounted at the code server's REFINERY_HOME in every pod: artifacts
+    # travel as directories under it
+    home_claim: str | None = None
+    hf_token_secret: str | None = None  # Secret with an HF_TOKEN key, for the gated 8B weights
+    node_selector: dict[str, str] = {}
+    service_account: str | None = None
+    kubeconfig: str | None = None  # None: in-cluster config (the code server runs in the cluster)
+
+    @model_validator(mode="after")
+    def _image_for_k8s(self) -> ClusterConfig:
+        if self.kind == "k8s" and not self.image:
+            raise ValueError("kind k8s needs 'image' (built from docker/Dockerfile)")
+        return self
 
 
 # --------------------------------------------------------------------------- the profile
@@ -257,6 +366,7 @@ class Profile(_Strict):
     ingest: IngestConfig = IngestConfig()
     langid: LangIdConfig = LangIdConfig()
     dedup: DedupConfig = DedupConfig()
+    data_engine: DataEngineConfig = DataEngineConfig()
     verify: VerifyConfig = VerifyConfig()
     landing: LandingConfig = LandingConfig()
     base_model: BaseModelConfig = BaseModelConfig()
@@ -267,8 +377,13 @@ class Profile(_Strict):
     recovery: RecoveryConfig = RecoveryConfig()
     eval: EvalConfig = EvalConfig()
     decontam: DecontamConfig = DecontamConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    gates: GatesConfig = GatesConfig()
     release: ReleaseConfig = ReleaseConfig()
+    compute: ComputeConfig = ComputeConfig()
+    cluster: ClusterConfig = ClusterConfig()
     source_file: str = ""  # filled by load_profile
+    frozen_from: str = ""  # a run's frozen copy: the YAML it was resolved from
 
     def resolve_path(self, value: str) -> Path:
         return resolve_path(value)
@@ -305,7 +420,7 @@ def home_dir() -> Path:
 
 def profile_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
         return p.resolve()
     candidate = PROFILES_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
@@ -317,6 +432,8 @@ def profile_path(name_or_path: str) -> Path:
 def load_profile(name_or_path: str | None = None) -> Profile:
     """Load and validate a profile by name (profiles/NAME.yaml) or path; default REFINERY_PROFILE."""
     path = profile_path(name_or_path or os.environ.get("REFINERY_PROFILE") or DEFAULT_PROFILE)
+    if path.suffix == ".json":  # a run's frozen copy (freeze_profile): already resolved and validated
+        return Profile.model_validate_json(path.read_text(encoding="utf-8"))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -333,6 +450,31 @@ def load_profile(name_or_path: str | None = None) -> Profile:
             key = ".".join(str(part) for part in err["loc"])
             lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
         raise ProfileError("invalid profile\n" + "\n".join(lines)) from None
+
+
+def freeze_profile(profile: Profile, path: Path) -> Path:
+    """Write the profile as resolved now (``${VAR}`` expanded) to ``path`` (JSON, atomically).
+
+    A run resolves its profile once and every stage of the run, in or out of process, reads this
+    copy: editing the YAML mid-run changes nothing in that run.
+    """
+    frozen = _expand_all(profile.model_dump(mode="json"))
+    frozen["frozen_from"] = profile.source_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(Profile.model_validate(frozen).model_dump_json(indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _expand_all(value):
+    if isinstance(value, str):
+        return expand(value)
+    if isinstance(value, dict):
+        return {k: _expand_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_all(v) for v in value]
+    return value
 
 
 def config_hash(obj: BaseModel) -> str:

@@ -1,9 +1,10 @@
 """Decontamination: training records that share a word n-gram with an evaluation set.
 
-Text is lower-cased and split into words (``\\w+``), so punctuation and spacing do not hide a
-copy. Every n-gram (13 words by default, profile.decontam.ngram, as in the GPT-3 and Llama
-reports) of every evaluation item in use is hashed (64-bit xxhash) into one sorted array; a
-training record is contaminated when any of its n-grams is in that array. An evaluation item
+Text is normalized as for dedup (refinery.dedup: lower case, punctuation deleted, whitespace
+runs -> one space) and split into words, so case, punctuation and spacing do not hide a copy.
+Every n-gram (13 words by default, profile.decontam.ngram, as in the GPT-3 and Llama reports) of
+every evaluation item in use is hashed (64 bits, compiled over whole batches) into one sorted
+array; a training record is contaminated when any of its n-grams is in that array. An evaluation item
 shorter than n words contributes its whole word sequence when it has at least MIN_SHORT_WORDS
 words (shorter ones, e.g. "True", would match everything and are ignored).
 
@@ -12,83 +13,85 @@ The same local files the benchmark report scores are checked, plus the demo held
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import xxhash
 
+from refinery import dedup_kernels as K
 from refinery.config import Profile
 from refinery.eval_tasks import TASKS, doc_texts, load_docs
 
 MIN_SHORT_WORDS = 8
-_WORD = re.compile(r"\w+")
 
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+def _word_grams(batch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hash, text, first word) of every n-word window of a NormBatch (refinery.dedup_kernels)."""
+    cap = max(len(batch.cp), 1)
+    h, doc, word = np.empty(cap, np.uint64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    m = K.word_grams(batch.cp, batch.starts, batch.ends, n, _BASE, _SALT, h, doc, word)
+    return h[:m], doc[:m], word[:m]
 
 
-def _grams(ws: list[str], n: int) -> Iterable[str]:
-    if len(ws) < n:
-        if len(ws) >= min(n, MIN_SHORT_WORDS):
-            yield " ".join(ws)
-        return
-    for i in range(len(ws) - n + 1):
-        yield " ".join(ws[i:i + n])
-
-
-def _hash(gram: str) -> int:
-    return xxhash.xxh3_64_intdigest(gram.encode("utf-8"))
+_BASE, _SALT = np.uint64(0x9E3779B97F4A7C15 | 1), np.uint64(0x2545F4914F6CDD1D)
 
 
 class NgramIndex:
-    """Hashes of every eval n-gram, each with the (first) eval set it came from."""
+    """Hashes of every eval n-gram, each with the (first) eval set it came from.
+
+    Words are those of refinery.dedup's normalized text (lower case, punctuation deleted), so case
+    and punctuation do not hide a copy; n-grams are hashed in compiled code over whole batches.
+    """
 
     def __init__(self, eval_texts: dict[str, list[str]], ngram: int):
+        from refinery.dedup import normalize_batch
+
         self.ngram = ngram
         self.sets = sorted(eval_texts)
-        hashes: list[int] = []
-        owners: list[int] = []
-        for set_idx, name in enumerate(self.sets):
-            for text in eval_texts[name]:
-                for gram in _grams(words(text), ngram):
-                    hashes.append(_hash(gram))
-                    owners.append(set_idx)
-        h = np.array(hashes, dtype=np.uint64)
-        o = np.array(owners, dtype=np.int32)
+        texts = [t for name in self.sets for t in eval_texts[name]]
+        owner = np.repeat(np.arange(len(self.sets)), [len(eval_texts[name]) for name in self.sets])
+        batch = normalize_batch(texts)
+        words = np.array([len(t.split()) for t in batch.texts()], np.int64)
+        h, doc, _ = _word_grams(batch, ngram)
+        hashes, owners = [h], [owner[doc]]
+        # an item shorter than n words (but not tiny) contributes its whole word sequence
+        short = np.flatnonzero((words >= min(ngram, MIN_SHORT_WORDS)) & (words < ngram))
+        self.short_lengths = sorted(set(words[short].tolist()))
+        for n in self.short_lengths:
+            sel = short[words[short] == n]
+            h, doc, _ = _word_grams(batch.take(sel), n)
+            hashes.append(h)
+            owners.append(owner[sel[doc]])
+        h, o = np.concatenate(hashes), np.concatenate(owners).astype(np.int32)
         order = np.argsort(h, kind="stable")
         self.hashes, self.owners = h[order], o[order]
-        # also index short texts' whole sequences by length, to test a record's windows of that length
-        self.short_lengths = sorted({len(ws) for texts in eval_texts.values() for t in texts
-                                     if min(ngram, MIN_SHORT_WORDS) <= len(ws := words(t)) < ngram})
+        self._table = K.hash_table(self.hashes)  # a lookup costs O(1), not a binary search
 
     def __len__(self) -> int:
         return len(self.hashes)
 
     def find(self, text: str) -> tuple[str, str] | None:
         """(eval set, matching n-gram) for the first shared n-gram in ``text``, or None."""
-        if len(self.hashes) == 0:
-            return None
-        ws = words(text)
-        for n in (self.ngram, *self.short_lengths):
-            if len(ws) < n:
-                continue
-            grams = [" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)]
-            h = np.fromiter((_hash(g) for g in grams), dtype=np.uint64, count=len(grams))
-            pos = np.searchsorted(self.hashes, h)
-            pos[pos == len(self.hashes)] = 0
-            hit = np.nonzero(self.hashes[pos] == h)[0]
-            if hit.size:
-                first = int(hit[0])
-                return self.sets[int(self.owners[pos[first]])], grams[first]
-        return None
+        return self.find_batch([text])[0]
 
+    def find_batch(self, texts: list[str]) -> list[tuple[str, str] | None]:
+        """``find`` for many texts at once (the n-grams of the whole batch in one pass)."""
+        from refinery.dedup import normalize_batch
 
-def record_text(messages: list[dict[str, str]] | None) -> str:
-    return "\n".join(m.get("content") or "" for m in messages or [])
+        out: list[tuple[str, str] | None] = [None] * len(texts)
+        if len(self.hashes) == 0 or not texts:
+            return out
+        batch = normalize_batch(texts)
+        hit_word = np.full(len(texts), -1, np.int64)
+        hit_key = np.zeros(len(texts), np.int64)
+        hit_n = np.zeros(len(texts), np.int64)
+        ns = np.array([self.ngram, *self.short_lengths], np.int64)  # full n-grams first, then short items
+        K.first_gram_hits(batch.cp, batch.starts, batch.ends, ns, _BASE, _SALT, *self._table, hit_word, hit_key, hit_n)
+        for t in np.flatnonzero(hit_word >= 0).tolist():  # rare: the words, for the report
+            ws = batch.take(np.array([t])).texts()[0].split(" ")
+            w, n = int(hit_word[t]), int(hit_n[t])
+            out[t] = (self.sets[int(self.owners[hit_key[t]])], " ".join(ws[w:w + n]))
+        return out
 
 
 def find_contaminated(records: pa.Table, eval_texts: dict[str, list[str]], ngram: int) -> dict[str, str]:
@@ -98,22 +101,33 @@ def find_contaminated(records: pa.Table, eval_texts: dict[str, list[str]], ngram
         if column not in records.column_names:
             raise ValueError(f"find_contaminated: records need an {column!r} column, "
                              f"got {records.column_names}")
-    index = NgramIndex(eval_texts, ngram)
+    return contaminated_ids(NgramIndex(eval_texts, ngram), records)
+
+
+def contaminated_ids(index: NgramIndex, records: pa.Table | pa.RecordBatch, batch_size: int = 20_000) -> dict[str, str]:
+    """``find_contaminated`` with a built index, ``batch_size`` records at a time."""
+    from refinery.records import TEXT_ROLES, joined_text
+
     found: dict[str, str] = {}
-    ids = records.column("id").to_pylist()
-    for rid, messages in zip(ids, records.column("messages").to_pylist(), strict=True):
-        match = index.find(record_text(messages))
-        if match:
-            eval_set, gram = match
-            found[str(rid)] = f"{eval_set}: shares the {len(gram.split())}-gram '{gram}'"
+    for lo in range(0, records.num_rows, batch_size):
+        part = records.slice(lo, batch_size)
+        texts = joined_text(part.column("messages"), TEXT_ROLES["all"], "\n")
+        for rid, match in zip(part.column("id").to_pylist(), index.find_batch(texts), strict=True):
+            if match:
+                eval_set, gram = match
+                found[str(rid)] = f"{eval_set}: shares the {len(gram.split())}-gram '{gram}'"
     return found
 
 
 def eval_texts_for(profile: Profile, heldout_path: Path | None = None) -> dict[str, list[str]]:
     """The text of every evaluation set the profile's benchmark report uses (the full local test
-    sets, not only the scored subsets; few-shot train/dev splits are not test items), plus the demo held-out tasks when ``heldout_path`` is given."""
+    sets, not only the scored subsets; few-shot train/dev splits are not test items): its tasks,
+    WikiText-2 whenever the fidelity token set reads it, and the demo held-out tasks when
+    ``heldout_path`` is given."""
     data_dir = profile.resolve_path(profile.eval.data_dir)
     names = [n for n in profile.eval.tasks if n in TASKS and n != "demo_heldout"]
+    if profile.eval.fidelity.wikitext_chunks and "wikitext" not in names:
+        names.append("wikitext")
     texts: dict[str, list[str]] = {}
     for name in names:
         docs = load_docs(name, data_dir)

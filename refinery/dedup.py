@@ -1,23 +1,27 @@
 """Exact and near-duplicate detection: normalized-text hashing, then MinHash LSH verified by exact Jaccard.
 
-Pipeline (``find_duplicates``), every step over numpy arrays in bounded batches (docs/data.md
-has the measurements behind the defaults):
+Steps (each a function over arrays, so that the in-memory ``find_duplicates``, the streaming data
+stage (refinery.datastage) and its Ray executor run the same code; the inner loops are compiled
+with numba in refinery.dedup_kernels; docs/data.md has the measurements behind the defaults):
 
-1. ``normalize_text``: NFKC, lower case, Unicode punctuation (category P) deleted, every run of
+1. ``normalize_batch``: NFKC, lower case, Unicode punctuation (category P) deleted, every run of
    whitespace turned into one space, trimmed. Symbols ($ + = < >) and digits are kept: they change
-   the meaning of math and code. Two records whose normalized keys are equal are exact duplicates.
-2. Shingles: character n-grams of the normalized text (default 5) or word n-grams, each hashed to
-   64 bits with a polynomial rolling hash (prefix sums, so a window costs O(1)).
-3. ``MinHasher``: one-permutation MinHash (Li, Owen & Zhang 2012) with rotation densification
+   the meaning of math and code. The result is a ``NormBatch`` (code points + offsets).
+2. Exact: two 64-bit hashes per normalized text; equal 128-bit keys are exact duplicates.
+3. Shingles: character n-grams (default 5) or word n-grams of the normalized text, each hashed to
+   64 bits.
+4. ``MinHasher``: one-permutation MinHash (Li, Owen & Zhang 2012) with rotation densification
    (Shrivastava & Li 2014): each shingle hash picks one of ``num_perm`` bins and the bin keeps its
-   minimum, so a record costs one pass over its shingles instead of ``num_perm`` passes;
-   ``P[sig_a[k] == sig_b[k]]`` is still the Jaccard similarity, which is what LSH needs.
-4. LSH: ``(bands, rows)`` from datasketch's own optimiser (``lsh_params``) for the threshold and
-   ``num_perm``; records sharing a band key are candidates.
-5. Candidates whose MinHash estimate is more than ``PREFILTER_MARGIN`` below the threshold are
-   dropped; every other pair is verified by the exact Jaccard of its two shingle sets (recomputed
-   from the normalized text, so no shingles are stored); only pairs >= threshold count.
-6. Greedy resolution in record order: a record is a near duplicate when it matches an earlier
+   minimum; ``P[sig_a[k] == sig_b[k]]`` is still the Jaccard similarity, which is what LSH needs.
+5. LSH (``candidate_pairs``): ``(bands, rows)`` from ``lsh_params``; EVERY pair of records that
+   share a band key is a candidate (no cap on a bucket: templated records make buckets of hundreds),
+   counted once (in the first band they share). A candidate whose MinHash estimate is more than
+   ``PREFILTER_Z`` standard deviations below the threshold, the deviation taken over the smaller
+   record's own filled bins, is dropped; records with fewer than ``PREFILTER_MIN_FILLED`` filled
+   bins (short texts) are always verified.
+6. ``verify_pairs``: the exact Jaccard of the two shingle sets, recomputed from the normalized
+   text; only pairs >= threshold count.
+7. ``resolve``: greedy in record order: a record is a near duplicate when it matches an earlier
    *kept* record (the most similar one is its ``duplicate_of``); matching only removed records does
    not remove it, so clusters never chain through records that are gone.
 
@@ -27,105 +31,132 @@ normalized text); ``save``/``load`` persist it next to deduped_corpus's parquet 
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import xxhash
 
+from refinery import dedup_kernels as K
 from refinery.config import DedupConfig
+from refinery.records import TEXT_ROLES, joined_text, message_text
 
 U64 = np.uint64
-_MASK32 = U64(0xFFFFFFFF)
-_LOW40 = U64((1 << 40) - 1)
-INDEX_VERSION = 1
-PREFILTER_MARGIN = 0.15  # candidates estimated below threshold - this skip the exact check
+INDEX_VERSION = 2  # 2: 128-bit exact keys, shingle hashes of refinery.dedup_kernels
+PREFILTER_Z = 4.5  # candidates this many standard deviations below the threshold skip the exact check
+PREFILTER_MIN_FILLED = 32  # records with fewer filled MinHash bins are always verified exactly
+VERIFY_CHUNK_CHARS = 8_000_000  # characters of text verified at once (memory: ~12 bytes each)
 
 # ------------------------------------------------------------------------------------ normalize
 
-_KEEP, _PUNCT, _SPACE, _BOUNDARY = 0, 1, 2, 3
-# ASCII: the characters of Unicode category P are deleted, upper case lowered, whitespace -> space
-_ASCII_PUNCT = "".join(chr(c) for c in range(128) if unicodedata.category(chr(c))[0] == "P").encode()
-_ASCII_TABLE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\t\n\v\f\r\x1c\x1d\x1e\x1f",
-                               b"abcdefghijklmnopqrstuvwxyz" + b" " * 9)
-_CHAR_CLASS: np.ndarray | None = None  # code point -> one of the classes above
+_TABLES: tuple[np.ndarray, np.ndarray] | None = None
+# lower() is not one code point to one code point for these (U+0130 becomes two; a capital sigma
+# depends on its neighbours): texts that contain them are lower-cased by Python first
+_CONTEXT_LOWER = ("\u0130", "\u03a3")
 
 
-def _char_class() -> np.ndarray:
-    global _CHAR_CLASS
-    if _CHAR_CLASS is None:  # built once per process (0.1 s)
-        table = np.zeros(0x110000, np.uint8)
-        for c in range(0x20000):  # above: CJK extensions, tags, private use; no P* or space there
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """(class, lower): code point -> 0 keep / K.PUNCT / K.SPACE, and code point -> lower case."""
+    global _TABLES
+    if _TABLES is None:  # built once per process (0.1 s)
+        cls = np.zeros(0x110000, np.uint8)
+        lower = np.arange(0x110000, dtype=np.uint32)
+        for c in range(0x20000):  # above: CJK extensions, tags, private use; no P*, space or case there
             ch = chr(c)
             if ch.isspace():
-                table[c] = _SPACE
+                cls[c] = K.SPACE
             elif unicodedata.category(ch)[0] == "P":
-                table[c] = _PUNCT
-        table[0] = _BOUNDARY  # NUL separates the texts of a batch (and is dropped from a text)
-        _CHAR_CLASS = table
-    return _CHAR_CLASS
+                cls[c] = K.PUNCT
+            low = ch.lower()
+            if len(low) == 1:
+                lower[c] = ord(low)
+        _TABLES = cls, lower
+    return _TABLES
+
+
+@dataclass
+class NormBatch:
+    """Normalized texts as one array of code points: text t is ``cp[starts[t]:ends[t]]``."""
+
+    cp: np.ndarray  # uint32
+    starts: np.ndarray  # int64
+    ends: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def texts(self) -> list[str]:
+        raw = self.cp.tobytes()
+        try:
+            joined = raw.decode("utf-32-le")
+        except UnicodeDecodeError:  # lone surrogates (from surrogateescape): 4x slower, so only then
+            joined = raw.decode("utf-32-le", "surrogatepass")
+        return [joined[s:e] for s, e in zip(self.starts.tolist(), self.ends.tolist())]
+
+    def chars(self) -> int:
+        return int((self.ends - self.starts).sum())
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> NormBatch:
+        """Texts taken as they are (already normalized)."""
+        lens = np.fromiter(map(len, texts), np.int64, len(texts))
+        ends = np.cumsum(lens)
+        return cls(_code_points("".join(texts)), ends - lens, ends)
+
+    @classmethod
+    def concat(cls, parts: Sequence[NormBatch]) -> NormBatch:
+        if not parts:
+            return cls.of([])
+        shift = np.cumsum([0] + [len(p.cp) for p in parts[:-1]])
+        return cls(np.concatenate([p.cp for p in parts]),
+                   np.concatenate([p.starts + s for p, s in zip(parts, shift)]),
+                   np.concatenate([p.ends + s for p, s in zip(parts, shift)]))
+
+    def take(self, rows: np.ndarray) -> NormBatch:
+        """The texts of ``rows`` (in that order), compacted."""
+        rows = np.ascontiguousarray(rows, np.int64)
+        out = np.empty(int((self.ends[rows] - self.starts[rows]).sum()), np.uint32)
+        starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
+        K.gather(self.cp, self.starts, self.ends, rows, out, starts, ends)
+        return NormBatch(out, starts, ends)
+
+
+def _code_points(text: str) -> np.ndarray:
+    try:
+        return np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    except UnicodeEncodeError:  # lone surrogates (from surrogateescape) stay what they are
+        return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+
+
+def normalize_batch(texts: Sequence[str]) -> NormBatch:
+    """``normalize_text`` over a batch: NFKC per text where needed (C), then lower case,
+    punctuation and whitespace in one compiled pass over the code points of the texts joined by NUL."""
+    joined = "\x00".join(t if t.isascii() and "\x00" not in t else _nfkc(t) for t in texts)
+    cp = _code_points(joined)
+    out = np.empty(len(cp), np.uint32)
+    starts, ends = np.empty(max(len(texts), 1), np.int64), np.empty(max(len(texts), 1), np.int64)
+    n = K.normalize(cp, *_tables(), out, starts, ends)
+    return NormBatch(out[:n], starts[:len(texts)], ends[:len(texts)])
+
+
+def _nfkc(t: str) -> str:
+    t = t.replace("\x00", "")  # NUL separates the texts of a batch
+    t = t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)
+    return t.lower() if any(c in t for c in _CONTEXT_LOWER) else t
 
 
 def normalize_many(texts: Sequence[str]) -> list[str]:
-    """``normalize_text`` over a batch. ASCII texts go through bytes.translate/replace on the whole
-    batch at once; the others through NFKC, lower() and numpy over their code points."""
-    out: list[str] = list(texts)
-    ascii_idx = [i for i, t in enumerate(texts) if t.isascii() and "\x00" not in t]
-    other_idx = [i for i, t in enumerate(texts) if not (t.isascii() and "\x00" not in t)]
-    if ascii_idx:
-        for i, t in zip(ascii_idx, _normalize_ascii_batch([texts[i] for i in ascii_idx])):
-            out[i] = t
-    if other_idx:
-        for i, t in zip(other_idx, _normalize_unicode_batch([texts[i] for i in other_idx])):
-            out[i] = t
-    return out
-
-
-def _normalize_ascii_batch(texts: list[str]) -> list[str]:
-    raw = "\x00".join(texts).encode("ascii").translate(_ASCII_TABLE, _ASCII_PUNCT)
-    a = np.frombuffer(raw, np.uint8)
-    space = a == 32
-    before = np.empty(len(a), np.uint8)
-    before[:1] = 0
-    before[1:] = a[:-1]
-    keep = ~space | ((before != 32) & (before != 0))  # first space of a run, not at a text's start
-    a = a[keep]
-    after = np.empty(len(a), np.uint8)
-    after[-1:] = 0
-    after[:-1] = a[1:]
-    a = a[(a != 32) | (after != 0)]  # nor at its end
-    return a.tobytes().decode("ascii").split("\x00")
-
-
-def _normalize_unicode_batch(texts: list[str]) -> list[str]:
-    lowered = [(t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)).lower()
-               for t in texts]
-    lowered = [t.replace("\x00", "") if "\x00" in t else t for t in lowered]
-    cp = np.frombuffer("\x00".join(lowered).encode("utf-32-le"), np.uint32)
-    cls = _char_class()[cp]
-    keep = cls != _PUNCT
-    cp, cls = cp[keep], cls[keep]
-    # whitespace runs -> their first character, dropped at the start of a text ...
-    before = np.empty(len(cls), np.uint8)
-    before[:1] = _BOUNDARY
-    before[1:] = cls[:-1]
-    keep = (cls != _SPACE) | ((before != _SPACE) & (before != _BOUNDARY))
-    cp, cls = cp[keep], cls[keep]
-    # ... and at its end
-    after = np.empty(len(cls), np.uint8)
-    after[-1:] = _BOUNDARY
-    after[:-1] = cls[1:]
-    keep = (cls != _SPACE) | (after != _BOUNDARY)
-    cp = np.where(cls == _SPACE, np.uint32(32), cp)[keep]
-    return cp.tobytes().decode("utf-32-le").split("\x00")
+    return normalize_batch(texts).texts()
 
 
 def normalize_text(s: str) -> str:
@@ -134,111 +165,59 @@ def normalize_text(s: str) -> str:
 
 
 def dedup_key(messages: Sequence[dict[str, str]], key: str) -> str:
-    """The text compared for duplicates. System turns are left out: they are shared boilerplate
-    (OpenOrca repeats a handful of system prompts), which would make unrelated records look alike."""
-    roles = ("user",) if key == "prompt" else ("user", "assistant")
-    return "\n".join(m["content"] for m in messages if m["role"] in roles)
+    """The text compared for duplicates: the user (and assistant) turns, never the system turns."""
+    return message_text(messages, TEXT_ROLES[key])
 
 
-def exact_hash(normalized: str) -> int:
-    return xxhash.xxh3_64_intdigest(normalized.encode("utf-8"))
+def exact_keys(batch: NormBatch) -> np.ndarray:
+    """uint64[n, 2]: the 128-bit exact-duplicate key of each normalized text."""
+    out = np.empty((len(batch), 2), U64)
+    K.exact_hashes(batch.cp, batch.starts, batch.ends, out)
+    return out
 
 
 # ------------------------------------------------------------------------------------ shingles
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's finalizer, in place: spreads the polynomial hash over all 64 bits."""
-    h ^= h >> U64(33)
-    h *= U64(0xFF51AFD7ED558CCD)
-    h ^= h >> U64(33)
-    h *= U64(0xC4CEB9FE1A85EC53)
-    h ^= h >> U64(33)
-    return h
-
-
-class ShingleHasher:
-    """64-bit hashes of character or word n-grams of normalized text, vectorized over a batch."""
+class Shingling:
+    """Character or word n-grams of normalized text, each hashed to 64 bits (seeded)."""
 
     def __init__(self, shingle: str = "char", ngram: int = 5, seed: int = 1):
         if shingle not in ("char", "word"):
             raise ValueError(f"shingle must be 'char' or 'word', got {shingle!r}")
         self.shingle, self.ngram = shingle, int(ngram)
         rng = np.random.default_rng(seed)
-        self._base = int(rng.integers(1 << 62, dtype=np.int64)) * 2 + 1 | (1 << 63)  # odd: invertible mod 2^64
-        self._base_inv = pow(self._base, -1, 1 << 64)
-        self._salt = U64(int(rng.integers(1 << 62, dtype=np.int64)))
-        self._pow = np.ones(1, U64)
-        self._pow_inv = np.ones(1, U64)
+        self.base = U64(int(rng.integers(1 << 62, dtype=np.int64)) * 2 + 1 | (1 << 63))
+        self.salt = U64(int(rng.integers(1 << 62, dtype=np.int64)))
 
-    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._pow) < n:  # cached: later batches reuse the powers
-            size = max(n, 2 * len(self._pow))
-            self._pow = np.cumprod(np.full(size, self._base, U64), dtype=U64)
-            self._pow_inv = np.cumprod(np.full(size, self._base_inv, U64), dtype=U64)
-            self._pow[1:], self._pow[0] = self._pow[:-1].copy(), 1  # base^0 .. base^(size-1)
-            self._pow_inv[1:], self._pow_inv[0] = self._pow_inv[:-1].copy(), 1
-        return self._pow[:n], self._pow_inv[:n]
+    @classmethod
+    def from_config(cls, cfg: DedupConfig) -> Shingling:
+        return cls(cfg.shingle, cfg.ngram, cfg.seed)
 
-    def hashes(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(hash uint64[m], doc int64[m]): every shingle of every text, grouped by text in order.
+    def _args(self) -> tuple:
+        return self.ngram, self.shingle == "word", self.base, self.salt
 
-        A text shorter than one n-gram (including the empty text) is a single shingle of itself.
-        """
-        lens = np.fromiter(map(len, texts), np.int64, len(texts))
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        cp = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32).astype(U64)
-        total = len(cp)
-        pw, pw_inv = self._powers(total + 1)
-        # prefix[i] = sum_{k<i} (cp[k] + salt) * base^k, so a span [s, e) hashes to
-        # (prefix[e] - prefix[s]) * base^-s, independent of where it sits in the batch.
-        prefix = np.zeros(total + 1, U64)
-        np.cumsum((cp + self._salt) * pw[:total], dtype=U64, out=prefix[1:])
-        doc_ids = np.arange(len(texts), dtype=np.int64)
-        n = self.ngram
-        if self.shingle == "char":
-            # windows [i, i + n) of the joined batch; the n - 1 crossing into the next text are dropped
-            w = max(total - n + 1, 0)
-            h = prefix[n:n + w] - prefix[:w]
-            h *= pw_inv[:w]
-            ok = np.ones(w, bool)
-            crossing = _ranges(np.maximum(ends - n + 1, starts), np.minimum(lens, n - 1))
-            ok[crossing[crossing < w]] = False
-            h, doc = h[ok], np.repeat(doc_ids, lens)[:w][ok]
-            short = lens < n
-            if short.any():  # whole-text shingles, merged back in document order
-                extra = (prefix[ends[short]] - prefix[starts[short]]) * pw_inv[starts[short]]
-                doc = np.concatenate([doc, doc_ids[short]])
-                h = np.concatenate([h, extra])
-                order = np.argsort(doc, kind="stable")
-                doc, h = doc[order], h[order]
-            h += U64(n)  # the empty text still gets a (constant) shingle
-            return _fmix64(h), doc
-        # word n-grams: spans from the start of word i to the end of word i + n - 1, in one text
-        spaces = np.flatnonzero(cp == U64(32))
-        nonempty = lens > 0
-        word_start = np.sort(np.concatenate([starts[nonempty], spaces + 1]))
-        word_end = np.sort(np.concatenate([ends[nonempty], spaces]))
-        word_doc = np.searchsorted(ends, word_start, side="right")
-        words_per_doc = np.bincount(word_doc, minlength=len(texts))
-        w = max(len(word_start) - n + 1, 0)
-        span_start = word_start[:w]
-        span_end = word_end[n - 1:n - 1 + w]
-        doc = word_doc[:w]
-        ok = word_doc[n - 1:n - 1 + w] == doc
-        short = words_per_doc < n
-        span_start, span_end, doc = span_start[ok], span_end[ok], doc[ok]
-        if short.any():
-            span_start = np.concatenate([span_start, starts[short]])
-            span_end = np.concatenate([span_end, ends[short]])
-            doc = np.concatenate([doc, doc_ids[short]])
-            order = np.argsort(doc, kind="stable")
-            span_start, span_end, doc = span_start[order], span_end[order], doc[order]
-        h = prefix[span_end] - prefix[span_start]
-        h *= pw_inv[span_start]
-        h += U64(self.ngram)  # the empty text still gets a (constant) shingle
-        return _fmix64(h), doc
+    def jaccard(self, batch: NormBatch, pairs: np.ndarray) -> np.ndarray:
+        """Exact Jaccard of the shingle sets of batch texts a and b, for each pair (a, b)."""
+        out = np.empty(len(pairs), np.float64)
+        if len(pairs):
+            K.jaccard(batch.cp, batch.starts, batch.ends, np.ascontiguousarray(pairs, np.int64), *self._args(), out,
+                      numba.get_num_threads())
+        return out
+
+    def hash_sets(self, batch: NormBatch) -> list[set[int]]:
+        """The shingle-hash set of each text (for tests and small checks)."""
+        buf = np.empty(max(batch.chars(), 1) + 1, U64)
+        out = []
+        for s, e in zip(batch.starts.tolist(), batch.ends.tolist()):
+            m = K._shingles(batch.cp, s, e, *self._args(), buf)
+            out.append(set(buf[:m].tolist()))
+        return out
+
+
+def exact_jaccard(shingling: Shingling, texts: Sequence[str], pairs: np.ndarray) -> np.ndarray:
+    """Exact Jaccard of normalized ``texts[a]``, ``texts[b]`` for each pair."""
+    return shingling.jaccard(NormBatch.of(texts), np.asarray(pairs, np.int64).reshape(-1, 2))
 
 
 # ------------------------------------------------------------------------------------ MinHash
@@ -247,67 +226,47 @@ class ShingleHasher:
 class MinHasher:
     """One-permutation MinHash signatures (uint64[n, num_perm]) of normalized texts."""
 
-    def __init__(self, num_perm: int = 128, *, shingle: str = "char", ngram: int = 5, seed: int = 1,
-                 chunk_chars: int = 4_000_000):
+    def __init__(self, num_perm: int = 128, *, shingle: str = "char", ngram: int = 5, seed: int = 1):
         self.num_perm = int(num_perm)
-        self.shingles = ShingleHasher(shingle, ngram, seed)
-        self.chunk_chars = chunk_chars
+        self.shingles = Shingling(shingle, ngram, seed)
 
     @classmethod
     def from_config(cls, cfg: DedupConfig) -> MinHasher:
         return cls(cfg.num_perm, shingle=cfg.shingle, ngram=cfg.ngram, seed=cfg.seed)
 
-    def signatures(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.empty((len(texts), self.num_perm), U64)
-        for lo, hi in _chunks([len(t) for t in texts], self.chunk_chars):
-            out[lo:hi] = self._signatures(texts[lo:hi])
-        return out
+    def signatures(self, texts: Sequence[str] | NormBatch) -> np.ndarray:
+        return self.signatures_filled(texts)[0]
 
-    def _signatures(self, texts: Sequence[str]) -> np.ndarray:
-        k = self.num_perm
-        h, doc = self.shingles.hashes(texts)
-        bins = ((h >> U64(32)) * U64(k)) >> U64(32)  # the high half picks the bin (any k)
-        flat = doc * k + bins.astype(np.int64)
-        sig = np.full(len(texts) * k, _MASK32, U64)
-        np.minimum.at(sig, flat, h & _MASK32)
-        return _densify(sig.reshape(len(texts), k))
-
-
-def _densify(sig: np.ndarray) -> np.ndarray:
-    """Rotation densification: an empty bin takes the next non-empty bin to its right (circularly),
-    tagged with the distance so that borrowed values only match values borrowed the same way."""
-    empty = sig == _MASK32
-    if not empty.any():
-        return sig
-    n, k = sig.shape
-    idx = np.where(~np.concatenate([empty, empty], axis=1), np.arange(2 * k), 2 * k)
-    nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, :k]  # next non-empty at or after j
-    dist = (nxt - np.arange(k)).astype(U64)
-    donor = np.take_along_axis(sig, nxt % k, axis=1)
-    return np.where(empty, donor | (dist << U64(32)), sig)
-
-
-def _chunks(lengths: Sequence[int], max_chars: int) -> list[tuple[int, int]]:
-    """Split a batch at record boundaries into runs of at most max_chars characters (at least one record)."""
-    out, lo, acc = [], 0, 0
-    for i, n in enumerate(lengths):
-        if acc and acc + n > max_chars:
-            out.append((lo, i))
-            lo, acc = i, 0
-        acc += n
-    if lo < len(lengths):
-        out.append((lo, len(lengths)))
-    return out
+    def signatures_filled(self, texts: Sequence[str] | NormBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures, filled): filled[t] is how many bins got a shingle of text t's own."""
+        batch = texts if isinstance(texts, NormBatch) else NormBatch.of(texts)
+        sig = np.empty((len(batch), self.num_perm), U64)
+        filled = np.empty(len(batch), np.int32)
+        if len(batch):
+            K.signatures(batch.cp, batch.starts, batch.ends, *self.shingles._args(), sig, filled,
+                         numba.get_num_threads())
+        return sig, filled
 
 
 # ------------------------------------------------------------------------------------ LSH
 
 
+@functools.lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int, false_negative_weight: float = 0.5) -> tuple[int, int]:
-    """(bands, rows) minimizing datasketch's weighted false-positive + false-negative areas."""
-    from datasketch.lsh import _optimal_param
-
-    return _optimal_param(threshold, num_perm, 1.0 - false_negative_weight, false_negative_weight)
+    """(bands, rows) with bands * rows <= num_perm minimizing the weighted areas under the
+    S-curve 1 - (1 - s^rows)^bands: false positives (s < threshold) and false negatives (s >=
+    threshold), as datasketch's MinHashLSH chooses them (integrated here on a fine grid)."""
+    best, best_err = (1, 1), math.inf
+    lo = np.linspace(0.0, threshold, 2001)
+    hi = np.linspace(threshold, 1.0, 2001)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = np.trapezoid(1 - (1 - lo ** r) ** b, lo)
+            fn = np.trapezoid((1 - hi ** r) ** b, hi)
+            err = fp * (1 - false_negative_weight) + fn * false_negative_weight
+            if err < best_err - 1e-12:
+                best, best_err = (b, r), err
+    return best
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray:
@@ -320,91 +279,118 @@ def band_keys(sig: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray:
     return _fmix64(keys)
 
 
-def candidate_pairs(keys: np.ndarray, *, first_members: int = 8) -> np.ndarray:
-    """int64[m, 2] of (earlier, later) rows sharing a band key.
-
-    Within a bucket each row is paired with the bucket's first ``first_members`` rows and with its
-    predecessor, not with every member: a bucket of g near-identical rows costs O(g), not O(g^2),
-    and the earliest rows are the ones that stay kept.
-    """
-    n, bands = keys.shape
-    out = []
-    rows = np.arange(n, dtype=np.int64)
-    for b in range(bands):
-        order = np.argsort(keys[:, b], kind="stable")  # stable: rows stay in record order in a bucket
-        k = keys[order, b]
-        new = np.ones(n, bool)
-        new[1:] = k[1:] != k[:-1]
-        start = np.maximum.accumulate(np.where(new, rows, 0))  # bucket start, in sorted positions
-        pos = rows - start
-        dup = pos > 0
-        if not dup.any():
-            continue
-        out.append(np.stack([order[rows[dup] - 1], order[dup]], axis=1))
-        for f in range(min(first_members, int(pos.max()))):
-            sel = pos > f + 1
-            out.append(np.stack([order[start[sel] + f], order[sel]], axis=1))
-    if not out:
-        return np.empty((0, 2), np.int64)
-    pairs = np.concatenate(out)
-    codes = _sorted_unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([codes // n, codes % n], axis=1)
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h ^= h >> U64(33)
+    h *= U64(0xFF51AFD7ED558CCD)
+    h ^= h >> U64(33)
+    h *= U64(0xC4CEB9FE1A85EC53)
+    h ^= h >> U64(33)
+    return h
 
 
-# ------------------------------------------------------------------------------------ verify
+@dataclass
+class Features:
+    """What near dedup keeps per record between the passes: 128-bit exact key, band keys, the
+    low 16 bits of each MinHash value (for the estimate that pre-filters candidates: a spurious
+    16-bit match adds 1/65536 per bin) and the number of filled bins."""
+
+    exact: np.ndarray  # uint64[n, 2]
+    bands: np.ndarray  # uint64[n, bands]
+    sig16: np.ndarray  # uint16[n, num_perm]
+    filled: np.ndarray  # int32[n]
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Features]) -> Features:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("exact", "bands", "sig16", "filled")))
+
+    def take(self, rows: np.ndarray) -> Features:
+        return Features(self.exact[rows], self.bands[rows], self.sig16[rows], self.filled[rows])
 
 
-def exact_jaccard(hasher: ShingleHasher, texts: Sequence[str], pairs: np.ndarray,
-                  *, max_chars: int = 8_000_000) -> np.ndarray:
-    """Exact Jaccard of the (hashed) shingle sets of texts[a], texts[b] for each pair, computed
-    for runs of pairs whose texts add up to at most max_chars characters (bounded memory)."""
-    sim = np.empty(len(pairs), np.float64)
-    lengths = np.fromiter((len(texts[a]) + len(texts[b]) for a, b in pairs.tolist()), np.int64, len(pairs))
-    for lo, hi in _chunks(lengths.tolist(), max_chars):
-        sim[lo:hi] = _exact_jaccard(hasher, texts, pairs[lo:hi])
-    return sim
+def features(batch: NormBatch, cfg: DedupConfig) -> Features:
+    """Exact keys, band keys and the pre-filter sketch of normalized texts."""
+    b, r = lsh_params(cfg.threshold, cfg.num_perm, cfg.false_negative_weight)
+    sig, filled = MinHasher.from_config(cfg).signatures_filled(batch)
+    return Features(exact_keys(batch), band_keys(sig, b, r, cfg.seed), sig.astype(np.uint16), filled)
 
 
-def _exact_jaccard(hasher: ShingleHasher, texts: Sequence[str], pairs: np.ndarray) -> np.ndarray:
+def candidate_pairs(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, threshold: float, *,
+                    existing: int = 0, only_bands: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """int64[m, 2] (earlier, later) rows that share a band key and pass the MinHash pre-filter
+    (module docstring, step 5); rows below ``existing`` are an index whose pairs were resolved
+    before. ``only_bands`` computes part of the bands (the pairs of a band do not depend on the
+    others' split: a pair belongs to the first band it shares), for a distributed run."""
+    out = np.empty((1024, 2), np.int64)
+    count = comparisons = largest = 0
+    for band in (range(bands.shape[1]) if only_bands is None else only_bands):
+        order = np.argsort(bands[:, band], kind="stable")  # stable: rows stay in record order in a bucket
+        out, count, comp, big = K.band_pairs(order, bands, band, sig16, filled, existing, float(threshold),
+                                             PREFILTER_Z, PREFILTER_MIN_FILLED, out, count)
+        comparisons += comp
+        largest = max(largest, big)
+    return out[:count].copy(), {"candidate_pairs": comparisons, "prefiltered_pairs": comparisons - count,
+                                "largest_bucket": largest}
+
+
+def verify_pairs(pairs: np.ndarray, texts_of: Callable[[np.ndarray], NormBatch], shingling: Shingling,
+                 lengths: np.ndarray, max_chars: int = VERIFY_CHUNK_CHARS,
+                 map_runs: Callable[[Iterator[tuple[NormBatch, np.ndarray]]], Iterator[np.ndarray]] | None = None,
+                 ) -> np.ndarray:
+    """Exact Jaccard of each pair; ``texts_of(rows)`` gives the normalized texts of sorted unique
+    rows and ``lengths[row]`` their lengths. Pairs go in runs whose distinct texts add up to at
+    most ``max_chars`` characters, so memory is bounded (a shingle set takes 8 bytes a character).
+    ``map_runs`` computes the runs' (texts, local pairs) somewhere else, in order (Ray workers)."""
+    sims = np.empty(len(pairs), np.float64)
     if len(pairs) == 0:
-        return np.empty(0, np.float64)
-    used, local = np.unique(pairs, return_inverse=True)
-    local = local.reshape(-1, 2)
-    h, doc = hasher.hashes([texts[i] for i in used])
-    # One sorted array of (text, shingle) keys holds every text's shingle set, and "is shingle x
-    # in text b" is one searchsorted. A key is the text's index in the top 24 bits and the hash's
-    # top 40 bits below it: two different shingles of a pair share 40 bits with probability
-    # ~3e-6 for texts of 1,500 characters, which would move that pair's Jaccard by ~0.001.
-    if len(used) >= 1 << 24:
-        raise ValueError("exact_jaccard: at most 2^24 texts per call")
-    keys = _sorted_unique((doc.astype(U64) << U64(40)) | (h >> U64(24)))
-    del h, doc
-    sizes = np.bincount((keys >> U64(40)).astype(np.int64), minlength=len(used))
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    a, b = local[:, 0], local[:, 1]
-    idx = _ranges(offsets[a], sizes[a])  # every shingle of each a ...
-    query = (b.repeat(sizes[a]).astype(U64) << U64(40)) | (keys[idx] & _LOW40)  # ... looked up in b
-    found = np.searchsorted(keys, query)
-    hit = keys[np.minimum(found, len(keys) - 1)] == query
-    inter = np.bincount(np.arange(len(pairs)).repeat(sizes[a]), weights=hit, minlength=len(pairs))
-    return inter / np.maximum(sizes[a] + sizes[b] - inter, 1)
+        return sims
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))  # pairs of one earlier row together: fewer texts a run
+    ordered = np.ascontiguousarray(pairs[order])
+    bounds = [0, *K.pair_runs(ordered, np.ascontiguousarray(lengths, np.int64), max_chars).tolist()]
+
+    def runs() -> Iterator[tuple[NormBatch, np.ndarray]]:
+        for lo, hi in zip(bounds, bounds[1:]):
+            rows = np.unique(ordered[lo:hi])
+            yield texts_of(rows), np.searchsorted(rows, ordered[lo:hi])
+
+    results = map_runs(runs()) if map_runs else (shingling.jaccard(b, p) for b, p in runs())
+    for lo, hi, part in zip(bounds, bounds[1:], results):
+        sims[order[lo:hi]] = part
+    return sims
 
 
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique by sorting: numpy 2.4's hash-based unique took ~10x longer on millions of int64."""
-    values = np.sort(values)
-    keep = np.ones(len(values), bool)
-    keep[1:] = values[1:] != values[:-1]
-    return values[keep]
+def resolve(pairs: np.ndarray, sims: np.ndarray, threshold: float, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy in row order over verified pairs: (duplicate_of row or -1, similarity) per row."""
+    ok = sims >= threshold
+    verified, vsims = pairs[ok], sims[ok]
+    dup = np.full(n_rows, -1, np.int64)
+    sim = np.full(n_rows, np.nan)
+    removed = np.zeros(n_rows, bool)
+    order = np.lexsort((verified[:, 0], verified[:, 1])) if len(verified) else np.empty(0, np.int64)
+    # sorted by the later row: every pair (x, a) is seen before (a, b), so removed[a] is final
+    for a, b, s in zip(verified[order, 0].tolist(), verified[order, 1].tolist(), vsims[order].tolist()):
+        if removed[a]:
+            continue
+        if not removed[b] or s > sim[b]:
+            dup[b], sim[b] = a, s
+        removed[b] = True
+    return dup, sim
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """concatenate(arange(s, s + l) for s, l in zip(starts, lengths)), vectorized."""
-    total = int(lengths.sum())
-    if total == 0:
+def first_occurrence(exact: np.ndarray) -> np.ndarray:
+    """For each row, the first row with the same 128-bit exact key (itself when it is the first)."""
+    if len(exact) == 0:
         return np.empty(0, np.int64)
-    first = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return first + np.arange(total)
+    order = np.lexsort((np.arange(len(exact)), exact[:, 1], exact[:, 0]))
+    e = exact[order]
+    new = np.ones(len(e), bool)
+    new[1:] = (e[1:] != e[:-1]).any(axis=1)
+    first_in_sorted = np.maximum.accumulate(np.where(new, np.arange(len(e)), 0))
+    out = np.empty(len(exact), np.int64)
+    out[order] = order[first_in_sorted]
+    return out
 
 
 # ------------------------------------------------------------------------------------ index
@@ -414,45 +400,39 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 class DedupIndex:
     """What later batches are deduplicated against: one row per kept record.
 
-    Stored as ``index.parquet`` (id, exact hash, band keys, normalized text) and ``index.json``
+    Stored as ``index.parquet`` (id, exact key, band keys, normalized text) and ``index.json``
     (parameters). Band keys depend on the shingling, num_perm, bands/rows and seed; ``load`` with a
-    different shingling or banding recomputes them from the stored normalized text; a different
-    ``key`` cannot be recomputed (the text is of the other key) and is refused.
+    different shingling or banding (or an index of an older version) recomputes them from the
+    stored normalized text; a different ``key`` cannot be recomputed (the text is of the other
+    key) and is refused.
     """
 
     params: dict[str, Any]
     ids: list[str] = field(default_factory=list)
-    exact: np.ndarray = field(default_factory=lambda: np.empty(0, U64))
+    exact: np.ndarray = field(default_factory=lambda: np.empty((0, 2), U64))
     bands: np.ndarray | None = None
-    texts: list[str] = field(default_factory=list)
+    norm: NormBatch = field(default_factory=lambda: NormBatch.of([]))  # the normalized texts
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def texts(self) -> list[str]:
+        return self.norm.texts()
 
     @classmethod
     def empty(cls, cfg: DedupConfig) -> DedupIndex:
         params = index_params(cfg)
         return cls(params, bands=np.empty((0, params["bands"]), U64))
 
-    def append(self, ids: list[str], exact: np.ndarray, bands: np.ndarray, texts: list[str]) -> None:
+    def append(self, ids: list[str], exact: np.ndarray, bands: np.ndarray, norm: NormBatch) -> None:
         self.ids = self.ids + list(ids)
         self.exact = np.concatenate([self.exact, exact.astype(U64)])
         self.bands = np.concatenate([self.bands, bands]) if self.bands is not None else bands
-        self.texts = self.texts + list(texts)
+        self.norm = NormBatch.concat([self.norm, norm])
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        table = pa.table({
-            "id": pa.array(self.ids, pa.string()),
-            "exact_hash": pa.array(self.exact, pa.uint64()),
-            "bands": pa.FixedSizeListArray.from_arrays(pa.array(self.bands.reshape(-1), pa.uint64()),
-                                                       self.params["bands"]),
-            "text": pa.array(self.texts, pa.large_string()),
-        })
-        pq.write_table(table, directory / "index.parquet", compression="zstd")
-        (directory / "index.json").write_text(json.dumps({**self.params, "records": len(self)}, indent=2),
-                                              encoding="utf-8")
+        write_index(Path(directory), self.params, [index_table(self.ids, self.exact, self.bands, self.texts)])
 
     @classmethod
     def load(cls, directory: Path, cfg: DedupConfig | None = None) -> DedupIndex:
@@ -461,24 +441,55 @@ class DedupIndex:
         if not meta_file.exists():
             raise FileNotFoundError(f"{directory}: no dedup index (index.json missing)")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if meta.get("version") != INDEX_VERSION:
+        if meta.get("version") not in (1, INDEX_VERSION):
             raise ValueError(f"{meta_file}: index version {meta.get('version')}, expected {INDEX_VERSION}")
         table = pq.read_table(directory / "index.parquet")
         params = {k: v for k, v in meta.items() if k != "records"}
         ids = table["id"].to_pylist()
         texts = table["text"].to_pylist()
-        exact = table["exact_hash"].to_numpy().astype(U64)
-        want = index_params(cfg) if cfg is not None else params
+        want = index_params(cfg) if cfg is not None else {**params, "version": INDEX_VERSION}
         if want["key"] != params["key"]:  # the stored texts and exact hashes are of the other key
             raise ValueError(f"{directory}: dedup index built with key={params['key']!r}, this run uses "
                              f"key={want['key']!r}; rebuild the corpus or use the same key")
-        if want != params:  # another shingling or banding: rebuild the band keys from the text
-            bands = compute_bands(texts, cfg)
-            params = want
-        else:
-            flat = pc.list_flatten(table["bands"]).to_numpy()
-            bands = flat.astype(U64).reshape(len(ids), params["bands"])
-        return cls(params, ids, exact, bands, texts)
+        if want != params:  # another shingling, banding or version: rebuild the keys from the text
+            if cfg is None:
+                raise ValueError(f"{directory}: index of version {params['version']}; load it with the "
+                                 "dedup config to rebuild its keys")
+            rebuilt = features(NormBatch.of(texts), cfg)
+            return cls(want, ids, rebuilt.exact, rebuilt.bands, NormBatch.of(texts))
+        exact = np.stack([table["exact_hash"].to_numpy(), table["exact_hash2"].to_numpy()], axis=1).astype(U64)
+        flat = pc.list_flatten(table["bands"]).to_numpy()
+        return cls(params, ids, exact, flat.astype(U64).reshape(len(ids), params["bands"]), NormBatch.of(texts))
+
+
+def index_table(ids: Sequence[str], exact: np.ndarray, bands: np.ndarray, texts: Sequence[str]) -> pa.Table:
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "exact_hash": pa.array(exact[:, 0], pa.uint64()),
+        "exact_hash2": pa.array(exact[:, 1], pa.uint64()),
+        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), bands.shape[1]),
+        "text": pa.array(texts, pa.large_string()),
+    })
+
+
+def write_index(directory: Path, params: dict[str, Any], tables: Any) -> int:
+    """index.parquet from an iterable of ``index_table`` parts (streamed), then index.json; returns rows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    tmp = directory / ".index.parquet.tmp"
+    writer = None
+    for t in tables:
+        writer = writer or pq.ParquetWriter(tmp, t.schema, compression="zstd")
+        writer.write_table(t)
+        rows += t.num_rows
+    if writer is None:
+        empty = index_table([], np.empty((0, 2), U64), np.empty((0, params["bands"]), U64), [])
+        pq.write_table(empty, tmp, compression="zstd")
+    else:
+        writer.close()
+    tmp.replace(directory / "index.parquet")
+    (directory / "index.json").write_text(json.dumps({**params, "records": rows}, indent=2), encoding="utf-8")
+    return rows
 
 
 def index_params(cfg: DedupConfig) -> dict[str, Any]:
@@ -489,12 +500,10 @@ def index_params(cfg: DedupConfig) -> dict[str, Any]:
 
 def compute_bands(normalized: Sequence[str], cfg: DedupConfig) -> np.ndarray:
     """Band keys for normalized texts, batch_size records at a time (memory stays bounded)."""
-    params = index_params(cfg)
-    hasher = MinHasher.from_config(cfg)
-    out = np.empty((len(normalized), params["bands"]), U64)
+    out = np.empty((len(normalized), index_params(cfg)["bands"]), U64)
     for lo in range(0, len(normalized), cfg.batch_size):
-        sig = hasher.signatures(normalized[lo:lo + cfg.batch_size])
-        out[lo:lo + len(sig)] = band_keys(sig, params["bands"], params["rows"], cfg.seed)
+        part = features(NormBatch.of(normalized[lo:lo + cfg.batch_size]), cfg)
+        out[lo:lo + len(part)] = part.bands
     return out
 
 
@@ -514,12 +523,13 @@ class DedupResult:
     stats: dict[str, Any]
 
 
-def find_duplicates(ids: Sequence[str], texts: Sequence[str], cfg: DedupConfig,
+def find_duplicates(ids: Sequence[str], texts: Sequence[str] | NormBatch, cfg: DedupConfig,
                     existing: DedupIndex | None = None, *, normalized: bool = False) -> DedupResult:
-    """Exact then near duplicates among ``texts`` and against ``existing`` (whose records always stay).
+    """Exact then near duplicates among ``texts`` and against ``existing`` (whose records always stay),
+    all in memory (the CLI, verification); refinery.datastage streams the same steps.
 
-    ``texts`` are dedup keys (see ``dedup_key``); pass ``normalized=True`` if they already went
-    through ``normalize_many``.
+    ``texts`` are dedup keys (see ``dedup_key``); pass ``normalized=True`` (or a NormBatch) if they
+    already went through ``normalize_batch``.
     """
     t0, c0 = time.perf_counter(), time.process_time()
     n = len(ids)
@@ -528,100 +538,70 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str], cfg: DedupConfig,
     if index.params != params:
         raise ValueError(f"existing index built with {index.params}, this run uses {params}; "
                          "load it with DedupIndex.load(dir, cfg) to rebuild its band keys")
-    norm = list(texts) if normalized else normalize_many(texts)
-    status = ["kept"] * n
-    dup_of: list[str | None] = [None] * n
-    sim: list[float | None] = [None] * n
-    clusters: list[dict[str, Any]] = []
+    batch = texts if isinstance(texts, NormBatch) else NormBatch.of(texts) if normalized else normalize_batch(texts)
+    t_norm = time.perf_counter()
+    e = len(index)
 
-    # 1. exact: the first occurrence (the existing corpus first) of a normalized key stays
-    seen: dict[int, int] = {int(h): -1 - j for j, h in enumerate(index.exact.tolist())}  # <0: existing row
-    exact = np.empty(n, U64)
-    for i, t in enumerate(norm):
-        h = exact_hash(t)
-        exact[i] = h
-        j = seen.setdefault(h, i)
-        if j != i:
-            other_text = index.texts[-1 - j] if j < 0 else norm[j]
-            if other_text != t:  # a 64-bit collision: different texts, keep both
-                continue
-            status[i] = "exact_duplicate"
-            dup_of[i] = index.ids[-1 - j] if j < 0 else ids[j]
-            sim[i] = 1.0
-            clusters.append({"kept_id": dup_of[i], "removed_id": ids[i], "kind": "exact", "similarity": 1.0})
+    # 1. exact: the first occurrence (the existing corpus first) of a 128-bit key stays
+    exact = exact_keys(batch)
+    first = first_occurrence(np.concatenate([index.exact, exact]))[e:]
+    is_dup = first != np.arange(e, e + n)
+    unique = np.flatnonzero(~is_dup)
     t_exact, c_exact = time.perf_counter(), time.process_time()
 
-    # 2. near: signatures and band keys of the exact-unique records, batch by batch
-    unique = np.flatnonzero(np.array([s == "kept" for s in status], bool))
-    hasher = MinHasher.from_config(cfg)
-    bands = np.empty((len(unique), params["bands"]), U64)
-    sig32 = np.empty((len(unique), cfg.num_perm), np.uint32)  # kept to pre-filter candidates
-    for lo in range(0, len(unique), cfg.batch_size):
-        batch = unique[lo:lo + cfg.batch_size]
-        sig = hasher.signatures([norm[i] for i in batch])
-        bands[lo:lo + len(batch)] = band_keys(sig, params["bands"], params["rows"], cfg.seed)
-        sig32[lo:lo + len(batch)] = sig  # the low 32 bits: the minimum itself
-        del sig
+    # 2. near, over the exact-unique records; rows 0..e-1 are the existing corpus
+    new = features(batch.take(unique), cfg) if len(unique) < n else features(batch, cfg)
     t_sig = time.perf_counter()
-
-    # rows 0..E-1 are the existing corpus, E.. the unique new records, in order
-    e = len(index)
-    all_keys = np.concatenate([index.bands, bands]) if e else bands
-    pairs = candidate_pairs(all_keys)
-    pairs = pairs[pairs[:, 1] >= e]  # existing-vs-existing pairs were resolved when it was built
-    # Candidates whose MinHash estimate is far below the threshold skip the exact check. The
-    # estimate's standard deviation is sqrt(J(1-J)/num_perm) (0.035 at J=0.8, 128 permutations),
-    # so PREFILTER_MARGIN=0.15 is over 4 of them. Pairs with an existing record are all checked.
-    new_pair = pairs[:, 0] >= e
-    estimate = (sig32[pairs[new_pair, 0] - e] == sig32[pairs[new_pair, 1] - e]).mean(axis=1)
-    drop = np.zeros(len(pairs), bool)
-    drop[np.flatnonzero(new_pair)[estimate < cfg.threshold - PREFILTER_MARGIN]] = True
-    prefiltered = int(drop.sum())
-    pairs = pairs[~drop]
-    del sig32
+    bands = np.concatenate([index.bands, new.bands]) if e else new.bands
+    k = cfg.num_perm
+    # the existing corpus keeps no sketch: its pairs are all verified (filled 0 skips the pre-filter)
+    sig16 = np.concatenate([np.zeros((e, k), np.uint16), new.sig16]) if e else new.sig16
+    filled = np.concatenate([np.zeros(e, np.int32), new.filled]) if e else new.filled
+    pairs, cstats = candidate_pairs(bands, sig16, filled, cfg.threshold, existing=e)
+    del sig16
     t_cand = time.perf_counter()
 
-    def text_of(row: int) -> str:
-        return index.texts[row] if row < e else norm[unique[row - e]]
+    def texts_of(rows: np.ndarray) -> NormBatch:
+        old = rows[rows < e]
+        fresh = batch.take(unique[rows[rows >= e] - e])
+        return NormBatch.concat([index.norm.take(old), fresh]) if len(old) else fresh
 
-    rows_used = _sorted_unique(pairs.ravel())
-    texts_used = [text_of(int(r)) for r in rows_used]
-    sims = exact_jaccard(hasher.shingles, texts_used, np.searchsorted(rows_used, pairs))
-    ok = sims >= cfg.threshold
-    verified, vsims = pairs[ok], sims[ok]
+    lengths = np.concatenate([index.norm.ends - index.norm.starts, (batch.ends - batch.starts)[unique]])
+    sims = verify_pairs(pairs, texts_of, Shingling.from_config(cfg), lengths)
     t_verify = time.perf_counter()
+    dup, sim = resolve(pairs, sims, cfg.threshold, e + len(unique))
 
-    # 3. greedy in record order: removed when similar to an earlier record that is still kept
-    removed = np.zeros(e + len(unique), bool)
-    order = np.lexsort((verified[:, 0], verified[:, 1])) if len(verified) else np.empty(0, np.int64)
-    best: dict[int, tuple[float, int]] = {}
-    for a, b, s in zip(verified[order, 0].tolist(), verified[order, 1].tolist(), vsims[order].tolist()):
-        if removed[a]:
-            continue
-        if b not in best or s > best[b][0]:
-            best[b] = (s, a)
-        removed[b] = True  # later pairs (x, b) only refine which kept record b matches best
-    for b, (s, a) in best.items():
-        i = int(unique[b - e])
-        status[i] = "near_duplicate"
-        dup_of[i] = index.ids[a] if a < e else ids[int(unique[a - e])]
-        sim[i] = float(s)
-        clusters.append({"kept_id": dup_of[i], "removed_id": ids[i], "kind": "near", "similarity": float(s)})
+    status = ["kept"] * n
+    dup_of: list[str | None] = [None] * n
+    similarity: list[float | None] = [None] * n
+    clusters: list[dict[str, Any]] = []
+    row_id = index.ids  # existing rows
 
-    kept_rows = [k for k in range(len(unique)) if not removed[e + k]]
+    def id_of_row(r: int) -> str:
+        return row_id[r] if r < e else ids[int(unique[r - e])]
+
+    for i in np.flatnonzero(is_dup).tolist():
+        j = int(first[i])
+        status[i], dup_of[i], similarity[i] = "exact_duplicate", (row_id[j] if j < e else ids[j - e]), 1.0
+        clusters.append({"kept_id": dup_of[i], "removed_id": ids[i], "kind": "exact", "similarity": 1.0})
+    for r in np.flatnonzero(dup >= 0).tolist():
+        i = int(unique[r - e])
+        status[i], dup_of[i], similarity[i] = "near_duplicate", id_of_row(int(dup[r])), float(sim[r])
+        clusters.append({"kept_id": dup_of[i], "removed_id": ids[i], "kind": "near", "similarity": similarity[i]})
+
+    kept_rows = np.flatnonzero(dup[e:] < 0)
     kept_idx = unique[kept_rows]
-    index.append([ids[i] for i in kept_idx], exact[kept_idx], bands[kept_rows], [norm[i] for i in kept_idx])
+    index.append([ids[i] for i in kept_idx.tolist()], exact[kept_idx], new.bands[kept_rows], batch.take(kept_idx))
     t_end, c_end = time.perf_counter(), time.process_time()
-    stats = {"records": n, "existing": e, "bands": params["bands"], "rows": params["rows"],
-             "candidate_pairs": int(len(pairs)) + prefiltered, "prefiltered_pairs": prefiltered,
-             "verified_pairs": int(len(verified)),
-             "rejected_candidates": int(len(pairs) - len(verified)),
-             "exact_duplicates": status.count("exact_duplicate"),
-             "near_duplicates": status.count("near_duplicate"),
-             "seconds": {"exact": t_exact - t0, "signatures": t_sig - t_exact, "candidates": t_cand - t_sig,
-                         "verify": t_verify - t_cand, "resolve": t_end - t_verify, "total": t_end - t0},
+    verified = int((sims >= cfg.threshold).sum())
+    stats = {"records": n, "existing": e, "bands": params["bands"], "rows": params["rows"], **cstats,
+             "verified_pairs": verified, "rejected_candidates": int(len(pairs) - verified),
+             "exact_duplicates": status.count("exact_duplicate"), "near_duplicates": status.count("near_duplicate"),
+             "seconds": {"normalize": t_norm - t0, "exact": t_exact - t_norm, "signatures": t_sig - t_exact,
+                         "candidates": t_cand - t_sig, "verify": t_verify - t_cand, "resolve": t_end - t_verify,
+                         "total": t_end - t0},
              "cpu_seconds": {"exact": c_exact - c0, "near": c_end - c_exact}}
-    return DedupResult(status, dup_of, sim, clusters, index, stats)
+    return DedupResult(status, dup_of, similarity, clusters, index, stats)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -633,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from refinery.config import load_profile
-    from refinery.curate import CLI_INPUT_HELP, config_with_flags, joined_text, read_input, run_cli, write_cli_output
+    from refinery.cli import CLI_INPUT_HELP, config_with_flags, read_input, run_cli, write_cli_output
 
     ap = argparse.ArgumentParser(prog="python -m refinery.dedup",
                                  description="Exact + MinHash LSH near dedup of a file of records")
@@ -657,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         table = read_input(args.input)
         existing = DedupIndex.load(args.existing, cfg) if args.existing else None
-        texts = joined_text(table["messages"], ("user",) if cfg.key == "prompt" else ("user", "assistant"), "\n")
+        texts = joined_text(table["messages"], TEXT_ROLES[cfg.key], "\n")
         result = find_duplicates(table["id"].to_pylist(), texts, cfg, existing)
         seconds = time.perf_counter() - t0
         stats = result.stats

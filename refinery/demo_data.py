@@ -893,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int)
     ap.add_argument("--seed", type=int)
     args = ap.parse_args(argv)
-    from refinery.curate import config_with_flags, run_cli
+    from refinery.cli import config_with_flags, run_cli
 
     def work() -> dict[str, Any]:
         cfg = config_with_flags((load_profile(args.profile).ingest.demo if args.profile else None) or DemoDataConfig(),

@@ -1,19 +1,30 @@
-"""benchmark_report: lm-eval over every stage, measured against refinery's own dense baseline.
+"""benchmark_report: what the chain made, measured on the files that ship, against the dense model and
+against what a user would do instead.
 
-Scored: base_model, qlora_model (the baseline), pruned_model, awq_model, the GGUF of gguf_zst
-(read through transformers ``gguf_file=``), recovered_model and its GGUF (the file that ships),
-and, for comparison, plain Q4_0 and Q8_0 GGUFs of qlora_model made by refinery's own converter.
-Every model is scored on the same items (eval_tasks picks a fixed subset), so stages are compared
-item by item:
+Every candidate is a GGUF scored through llama.cpp, the way its users run it:
 
-- a score's standard error is lm-eval's; where lm-eval has none (perplexity), a bootstrap over
-  documents;
-- retention of a stage = its score / qlora_model's score (for perplexity, lower is better:
-  qlora's / the stage's), with a 95% paired-bootstrap interval: the same resampled items for both
-  models, BOOTSTRAP_ITERS resamples, percentile interval.
+- the dense reference: qlora_model as an F16 GGUF (quant_baselines writes it);
+- the chain: gguf_zst (awq_model exported with its 4-bit grid) and recovered_model, whose
+  model.gguf(.zst) is what the release ships;
+- the plain baselines: llama.cpp's own quantizer on qlora_model (quant_baselines).
 
-Sizes are bytes on disk and bits per weight (8 * bytes / the dense parameter count); CPU speed is
-llama.cpp's tokens/s for every GGUF. No other model's score is quoted anywhere.
+**Fidelity** (refinery.fidelity) is measured for every candidate on one held-out token set (WikiText-2
+and the demo's held-out conversations): perplexity, mean and 99th-percentile KL divergence from the
+reference's distributions, top-1 agreement, each with a 95% bootstrap interval over chunks. These
+are the gate's primary metrics: they see damage on any model, where accuracy at chance level
+cannot.
+
+**Tasks** (lm-eval on refinery.lm_llamacpp) are scored for ``eval.task_models`` (the base model, the
+dense baseline, the release candidate): demo_heldout as the model was trained (chat template,
+answer prefix, exact match on the computed answer), MMLU and the rest as configured. Every score
+has its standard error; retention vs qlora_model and fine-tuning's effect (qlora_model vs
+base_model) have paired-bootstrap intervals over the same items. A task whose baseline is not
+above chance by its interval carries no retention gate, and the report says so.
+
+The Hugging Face stages in between (pruned_model, awq_model) keep the scores their own stages
+measured (manifests), shown as the lineage. Every result is cached in the work directory by the
+file's checksum, the token set and the reference: no model is scored twice for the same question.
+The gate thresholds in force are recorded in the report; the release reads them from there.
 """
 
 from __future__ import annotations
@@ -24,34 +35,38 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from refinery.artifacts import Artifact, load_artifact, staged_artifact
-from refinery.config import Profile, config_hash
-from refinery.eval_tasks import PreparedTask, prepare_tasks, spec, tasks_in_use
+from refinery import fidelity
+from refinery.artifacts import Artifact, load_artifact, sha256_file, staged_artifact
+from refinery.config import Profile
+from refinery.eval_tasks import EvalDataError, PreparedTask, prepare_tasks, spec, tasks_in_use
+from refinery.modelstats import ConfigError
+from refinery.progress import Progress
+from refinery.stages import BASELINE, SHIPPED, STAGES, model_stages
 
 STAGE = "benchmark_report"
-BASELINE = "qlora_model"
-MODEL_STAGES = ("base_model", "qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model")
-PLAIN_GGUF_TYPES = ("Q4_0", "Q8_0")
-RELEASE_STAGE = "recovered_model"  # its model.gguf(.zst) is what the release ships
 BOOTSTRAP_ITERS = 1000
 SEED = 1234
+CHAIN = tuple(s.name for s in STAGES if s.produces == "gguf")  # the chain's GGUFs, in order
+LINEAGE = tuple(s.name for s in model_stages())  # every model the chain made
 
 
 @dataclass
 class Candidate:
-    """One model to score."""
+    """One GGUF to score."""
 
-    label: str  # row name in the report: a stage, or e.g. "qlora_model.Q4_0"
+    label: str  # row name in the report: a stage, or e.g. "qlora_model.Q4_0+imatrix"
     stage: str  # the artifact it comes from
     version: str
-    kind: str  # "hf" | "gguf"
-    path: Path  # model folder or .gguf file
+    role: str  # "reference" | "chain" | "baseline" | "base"
+    path: Path
+    sha256: str
+    zst_bytes: int | None
     note: str = ""
 
 
@@ -64,24 +79,6 @@ class Score:
     stderr_method: str
     n: int
     higher_is_better: bool
-
-
-@dataclass
-class ModelResult:
-    label: str
-    stage: str
-    version: str
-    kind: str
-    path: str
-    note: str
-    parameters: int
-    bytes: int
-    bits_per_weight: float
-    scores: dict[str, Score] = field(default_factory=dict)
-    tokens_per_second: float | None = None  # llama.cpp greedy generation on every core
-    prompt_tokens_per_second: float | None = None  # llama.cpp prompt evaluation
-    gguf_zst_bytes: int | None = None
-    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------- statistics
@@ -109,6 +106,14 @@ def standard_error(metric: str, values: np.ndarray, weights: np.ndarray | None =
     idx = rng.integers(0, n, size=(iters, n))
     boots = [aggregate(metric, values[i], weights[i]) for i in idx]
     return float(np.std(boots, ddof=1)), f"bootstrap over {n} documents ({iters} resamples)"
+
+
+def _percentiles(boots: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    boots = boots[np.isfinite(boots)]
+    if not boots.size:
+        return None, None
+    alpha = (1 - level) / 2
+    return float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
 
 def paired_retention(metric: str, higher_is_better: bool, stage: np.ndarray, baseline: np.ndarray,
@@ -140,12 +145,35 @@ def paired_retention(metric: str, higher_is_better: bool, stage: np.ndarray, bas
         return out
     if n >= 2:
         rng = np.random.default_rng(SEED)
-        boots = np.array([ratio(rng.integers(0, n, size=n)) for _ in range(iters)])
-        boots = boots[np.isfinite(boots)]
-        if boots.size:
-            alpha = (1 - level) / 2
-            out["ci_low"], out["ci_high"] = (float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha)))
+        out["ci_low"], out["ci_high"] = _percentiles(
+            np.array([ratio(rng.integers(0, n, size=n)) for _ in range(iters)]), level)
     return out
+
+
+def paired_difference(metric: str, after: np.ndarray, before: np.ndarray, after_w: np.ndarray | None = None,
+                      before_w: np.ndarray | None = None, iters: int = BOOTSTRAP_ITERS,
+                      level: float = 0.95) -> dict[str, Any]:
+    """after - before on the same items, with a paired-bootstrap interval (fine-tuning's effect)."""
+    n = len(after)
+
+    def diff(idx: np.ndarray | slice) -> float:
+        return (aggregate(metric, after[idx], None if after_w is None else after_w[idx])
+                - aggregate(metric, before[idx], None if before_w is None else before_w[idx]))
+
+    rng = np.random.default_rng(SEED)
+    low, high = _percentiles(np.array([diff(rng.integers(0, n, size=n)) for _ in range(iters)]), level) \
+        if n >= 2 else (None, None)
+    return {"value": diff(slice(None)), "ci_low": low, "ci_high": high, "n": n, "level": level,
+            "method": f"paired bootstrap over items ({iters} resamples, percentile interval)"}
+
+
+def mean_interval(values: np.ndarray, iters: int = BOOTSTRAP_ITERS, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Bootstrap interval of a mean (a task score's, to compare it with chance)."""
+    if len(values) < 2:
+        return None, None
+    rng = np.random.default_rng(SEED)
+    return _percentiles(np.array([values[rng.integers(0, len(values), len(values))].mean()
+                                  for _ in range(iters)]), level)
 
 
 # --------------------------------------------------------------------------- per-item values from lm-eval
@@ -190,28 +218,138 @@ def paired(a: Items, b: Items) -> tuple[Items, Items]:
     return take(a), take(b)
 
 
-# --------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------- candidates
 
 
-def load_for_eval(cand: Candidate) -> tuple[Any, Any]:
-    """(model, tokenizer) on CPU in float32: compressed-tensors decompressed (modelstats), GGUF
-    weights dequantized by transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _file_sha(art: Artifact, rel: str) -> str:
+    meta = art.manifest.get("files", {}).get(rel)
+    return meta["sha256"] if meta else sha256_file(art.path / rel)
 
-    from refinery.modelstats import load_model
 
-    if cand.kind == "gguf":
-        # The tokenizer is refinery's own GGUF reader (base_model.tokenizer_from_gguf): transformers'
-        # gets eos and the digit splitting wrong, so it would not tokenize like llama.cpp does.
-        from refinery.base_model import tokenizer_from_gguf
+def _chain_candidate(art: Artifact, label: str, note: str) -> Candidate:
+    gguf, zst = art.path / "model.gguf", art.path / "model.gguf.zst"
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{art.stage} {art.version}: no model.gguf at {gguf}")
+    return Candidate(label, art.stage, art.version, "chain", gguf, _file_sha(art, "model.gguf"),
+                     zst.stat().st_size if zst.is_file() else None, note)
 
-        tok = tokenizer_from_gguf(cand.path)
-        model = AutoModelForCausalLM.from_pretrained(str(cand.path.parent), gguf_file=cand.path.name,
-                                                     dtype=torch.float32)
-        model.eval()
-        return model, tok
-    return load_model(cand.path), AutoTokenizer.from_pretrained(cand.path)
+
+def base_gguf(base: Artifact, work: Path, log: Callable[[str], Any]) -> Candidate:
+    """base_model as an F16 GGUF (made once per base version, in the work directory)."""
+    from refinery.gguf_export import convert_to_gguf
+
+    path = work / f"base_model.{base.version}.F16.gguf"
+    if not path.exists():
+        log(f"{STAGE}: base_model as an F16 GGUF for its task scores")
+        convert_to_gguf(base.path / "model", path, "F16", metadata={"source_stage": "base_model",
+                                                                   "source_version": base.version})
+    return Candidate("base_model", "base_model", base.version, "base", path, f"base-{base.version}", None,
+                     "the model before fine-tuning, F16")
+
+
+def candidates(inputs: dict[str, Artifact], work: Path, profile: Profile,
+               log: Callable[[str], Any] = print) -> list[Candidate]:
+    """Every GGUF the report scores: the reference, the chain, the plain baselines (and the base
+    model when its tasks are scored)."""
+    from refinery.baselines import REFERENCE, load_baselines
+    from refinery.gguf_export import zstd_size
+
+    missing = [s for s in ("quant_baselines", *CHAIN) if s not in inputs]
+    if missing:
+        raise ValueError(f"{STAGE} needs the inputs {missing}")
+    qb = inputs["quant_baselines"]
+    out = [Candidate(BASELINE, BASELINE, inputs[BASELINE].version if BASELINE in inputs else qb.version,
+                     "reference", qb.path / REFERENCE, _file_sha(qb, REFERENCE),
+                     zstd_size(qb.path / REFERENCE, profile.gguf.zstd_level), "dense reference, F16 GGUF")]
+    for name in CHAIN:
+        out.append(_chain_candidate(inputs[name], name, "the GGUF the release ships" if name == SHIPPED
+                                    else f"{name}'s GGUF"))
+    for row in load_baselines(qb):
+        out.append(Candidate(row["label"], "quant_baselines", qb.version, "baseline", qb.path / row["file"],
+                             _file_sha(qb, row["file"]), row["zst_bytes"],
+                             f"llama.cpp {row['ftype']}" + (" with an importance matrix" if row["imatrix"] else "")))
+    if "base_model" in profile.eval.task_models and "base_model" in inputs:
+        out.append(base_gguf(inputs["base_model"], work, log))
+    return out
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def heldout_conversations(heldout: Path | None, tokenizer: Any) -> list[str]:
+    """The demo's held-out tasks as chat-formatted conversations (prompt and reference response)."""
+    if heldout is None:
+        return []
+    out = []
+    with open(heldout, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                d = json.loads(line)
+                if not isinstance(d.get("response"), str) or not isinstance(d.get("prompt"), str):
+                    raise EvalDataError(f"{heldout}:{number}: field 'response' (or 'prompt') missing or not text")
+                out.append(tokenizer.apply_chat_template(
+                    [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["response"]}],
+                    tokenize=False))
+    return out
+
+
+def token_set(reference: Path, profile: Profile, heldout: Path | None) -> fidelity.TokenSet:
+    """The held-out tokens every candidate is scored on, tokenized as llama.cpp does."""
+    from refinery import llamacpp
+    from refinery.base_model import tokenizer_from_gguf
+    from refinery.modelstats import heldout_text
+
+    cfg = profile.eval.fidelity
+    if cfg.conversation_chunks and heldout is None:
+        raise ConfigError("eval.fidelity.conversation_chunks: the held-out conversations come from the demo "
+                          "corpus (raw_corpus heldout.jsonl), which this profile does not ingest; set it to 0")
+    conversations = heldout_conversations(heldout, tokenizer_from_gguf(reference))
+    with llamacpp.loaded(reference, n_ctx=64) as llm:
+        def tokenize(text: str) -> list[int]:
+            return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+        return fidelity.build_token_set(tokenize, heldout_text(profile), conversations, chunk=cfg.chunk,
+                                        wikitext_chunks=cfg.wikitext_chunks,
+                                        conversation_chunks=cfg.conversation_chunks)
+
+
+def fidelity_scores(cands: list[Candidate], tokens: fidelity.TokenSet, work: Path, profile: Profile,
+                    log: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    """label -> fidelity summary for every candidate except the base model (cached per file)."""
+    from refinery import llamacpp
+
+    cfg = profile.eval.fidelity
+    ref = next(c for c in cands if c.role == "reference")
+    cache = work / "fidelity"
+    cache.mkdir(parents=True, exist_ok=True)
+    ref_logprobs = fidelity.reference_path(cache, ref.sha256, tokens)
+    ref_stats = cache / f"{ref.sha256[:16]}-{tokens.digest}.reference.npz"
+    if not (ref_logprobs.exists() and ref_stats.exists()):
+        progress = Progress(f"fidelity: {ref.label} (reference) chunks", len(tokens.chunks), log)
+        with llamacpp.chunk_logits(ref.path, cfg.chunk, cfg.n_threads) as logits:
+            stats = fidelity.write_reference(logits, tokens, ref_logprobs, lambda i, n: progress.update(i))
+        fidelity.save_stats(stats, ref_stats)
+    out = {ref.label: fidelity.summarize(fidelity.load_stats(ref_stats), tokens.sources)}
+    scored = [c for c in cands if c.role in ("chain", "baseline")]
+    for k, cand in enumerate(scored, 1):
+        path = cache / f"{cand.sha256[:16]}-{tokens.digest}-{ref.sha256[:12]}.npz"
+        if not path.exists():
+            start = time.perf_counter()
+            progress = Progress(f"fidelity {k}/{len(scored)}: {cand.label} chunks", len(tokens.chunks), log)
+            with llamacpp.chunk_logits(cand.path, cfg.chunk, cfg.n_threads) as logits:
+                stats = fidelity.score(logits, tokens, ref_logprobs, lambda i, n: progress.update(i))
+            stats["seconds"] = np.array(time.perf_counter() - start)
+            fidelity.save_stats(stats, path)
+        stats = fidelity.load_stats(path)
+        out[cand.label] = fidelity.summarize(stats, tokens.sources)
+        out[cand.label]["seconds"] = float(stats.get("seconds", np.nan))
+        log(f"fidelity: {cand.label}: KLD {out[cand.label]['kld_mean']['value']:.4f} "
+            f"[{out[cand.label]['kld_mean']['ci_low']:.4f}, {out[cand.label]['kld_mean']['ci_high']:.4f}], "
+            f"top-1 {out[cand.label]['top1_agreement']['value']:.3f}, ppl {out[cand.label]['perplexity']['value']:.2f}")
+    return out
+
+
+# --------------------------------------------------------------------------- tasks
 
 
 def task_manager(profile: Profile, task_dir: Path):
@@ -231,8 +369,8 @@ def _leaf_tasks(name: str, groups: dict[str, list[str]]) -> list[str]:
 
 def _collect_env_info_once() -> None:
     """lm-eval adds torch's environment report to every simple_evaluate result, running
-    subprocesses for it (~3 s each call, 9+ calls per report); it cannot change within one
-    process, so it is collected once and copied into every result."""
+    subprocesses for it (~3 s each call); it cannot change within one process, so it is collected
+    once and copied into every result."""
     import lm_eval.evaluator as evaluator
 
     if getattr(evaluator.add_env_info, "refinery_cached", False):
@@ -248,113 +386,260 @@ def _collect_env_info_once() -> None:
     evaluator.add_env_info = add_env_info
 
 
-def score_candidate(cand: Candidate, tasks: list[PreparedTask], manager: Any, profile: Profile,
-                    out_dir: Path, log: Callable[[str], Any] = print) -> tuple[ModelResult, dict[str, Items]]:
-    """Run lm-eval on one model for every task; write its raw results under ``out_dir``."""
+def score_tasks(cand: Candidate, tasks: list[PreparedTask], manager: Any, profile: Profile, work: Path,
+                out_dir: Path, log: Callable[[str], Any]) -> tuple[dict[str, Score], dict[str, Items]]:
+    """lm-eval on one GGUF (llama.cpp) for every task; answers cached per file in ``work``."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    from refinery.modelstats import dir_bytes
+    from refinery.lm_llamacpp import LlamaCppLM
 
     _collect_env_info_once()
-    start = time.perf_counter()
-    model, tok = load_for_eval(cand)
-    parameters = sum(p.numel() for p in model.parameters())
-    if cand.kind == "gguf":
-        size = weight_bytes = cand.path.stat().st_size
-    else:  # bits per weight from the tensor files only, not the tokenizer and configs beside them
-        size = dir_bytes(cand.path)
-        weight_bytes = sum(p.stat().st_size for p in cand.path.glob("*.safetensors"))
-    result = ModelResult(cand.label, cand.stage, cand.version, cand.kind, str(cand.path), cand.note,
-                         parameters, size, 8 * weight_bytes / parameters)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=profile.eval.batch_size,
-              max_length=profile.eval.max_length)
+    counter: dict[str, Progress] = {}
+
+    def progress(done: int, total: int, what: str) -> None:
+        if what not in counter or counter[what].total != total:
+            counter[what] = Progress(f"tasks: {cand.label} {what} requests", total, log)
+        counter[what].update(done)
+
+    lm = LlamaCppLM(cand.path, max_length=profile.eval.max_length or 2048, n_threads=profile.eval.fidelity.n_threads,
+                    progress=progress)
+    scores: dict[str, Score] = {}
     items: dict[str, Items] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    # One simple_evaluate per (limit, num_fewshot): offline that is one call for all tasks (each
-    # call also collects environment info, several seconds).
+    (work / "answers").mkdir(parents=True, exist_ok=True)
     groups: dict[tuple, list[PreparedTask]] = {}
-    for task in tasks:
-        groups.setdefault((task.limit, task.num_fewshot), []).append(task)
-    for i, ((limit, shots), group) in enumerate(groups.items()):
-        log(f"[{cand.label}] lm-eval {', '.join(t.lm_eval_task for t in group)}")
-        res = simple_evaluate(model=lm, tasks=[t.lm_eval_task for t in group], task_manager=manager, limit=limit,
-                              num_fewshot=shots, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
-                              random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
-                              fewshot_random_seed=SEED)
-        samples = res.pop("samples")
-        name = "results.json" if len(groups) == 1 else f"results.{i}.json"
-        (out_dir / name).write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
-        for task in group:
-            s = spec(task.name)
-            own = {k: samples[k] for k in _leaf_tasks(task.lm_eval_task, res.get("group_subtasks", {}))
-                   if k in samples}
-            it = items_from_samples(own, task.metric)
-            if not it.keys:
-                raise RuntimeError(f"lm-eval returned no per-item {task.metric} for {task.lm_eval_task} ({cand.label})")
-            items[task.name] = it
-            reported = res["results"].get(task.lm_eval_task, {})
-            value = reported.get(task.metric)
-            stderr = reported.get(task.metric.replace(",", "_stderr,", 1))
-            method = "lm-eval"
-            if not isinstance(value, (int, float)):
+    for task in tasks:  # one simple_evaluate per (limit, shots, chat template or not)
+        groups.setdefault((task.limit, task.num_fewshot, spec(task.name).chat), []).append(task)
+    try:
+        for i, ((limit, shots, chat), group) in enumerate(groups.items()):
+            log(f"tasks: {cand.label}: lm-eval {', '.join(t.lm_eval_task for t in group)}")
+            res = simple_evaluate(model=lm, tasks=[t.lm_eval_task for t in group], task_manager=manager, limit=limit,
+                                  num_fewshot=shots, apply_chat_template=chat, log_samples=True,
+                                  use_cache=str(work / "answers" / cand.sha256[:16]),
+                                  bootstrap_iters=BOOTSTRAP_ITERS, random_seed=SEED, numpy_random_seed=SEED,
+                                  torch_random_seed=SEED, fewshot_random_seed=SEED)
+            samples = res.pop("samples")
+            (out_dir / f"results.{i}.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+            for task in group:
+                s = spec(task.name)
+                own = {k: samples[k] for k in _leaf_tasks(task.lm_eval_task, res.get("group_subtasks", {}))
+                       if k in samples}
+                it = items_from_samples(own, task.metric)
+                if not it.keys:
+                    raise RuntimeError(f"lm-eval returned no per-item {task.metric} for {task.lm_eval_task} "
+                                       f"({cand.label})")
+                items[task.name] = it
                 value = aggregate(s.metric_name, it.values, it.weights)
-                method = "refinery"
-            if not isinstance(stderr, (int, float)) or math.isnan(stderr):
                 stderr, method = standard_error(s.metric_name, it.values, it.weights)
-            result.scores[task.name] = Score(task.name, task.metric, float(value), stderr, method, len(it.keys),
-                                             s.higher_is_better)
-    del lm, model
-    gc.collect()
-    result.seconds = round(time.perf_counter() - start, 2)
-    return result, items
+                scores[task.name] = Score(task.name, task.metric, value, stderr, method, len(it.keys),
+                                          s.higher_is_better)
+    finally:
+        lm.close()
+        gc.collect()
+    return scores, items
+
+
+def task_gates(prepared: list[PreparedTask], use: dict[str, Any], per_item: dict[str, dict[str, Items]]) -> dict[str, Any]:
+    """Per task: its chance level, whether the dense baseline is above it (interval), and so
+    whether its min_retention gates the release."""
+    out = {}
+    for task in prepared:
+        s = spec(task.name)
+        info: dict[str, Any] = {"lm_eval_task": task.lm_eval_task, "metric": task.metric,
+                                "higher_is_better": s.higher_is_better, "items": task.items,
+                                "num_fewshot": use[task.name].num_fewshot, "chance": s.chance,
+                                "min_retention": use[task.name].min_retention}
+        base = per_item.get(BASELINE, {}).get(task.name)
+        low, _ = mean_interval(base.values) if base is not None and base.weights is None else (None, None)
+        info["baseline_ci_low"] = low
+        info["above_chance"] = bool(low is not None and low > s.chance) if s.higher_is_better else True
+        info["gated"] = info["min_retention"] is not None and info["above_chance"]
+        if info["min_retention"] is not None and not info["above_chance"]:
+            info["why_not_gated"] = (f"{BASELINE} does not score above chance ({s.chance:g}) by its interval "
+                                     f"(lower bound {low if low is None else round(low, 3)}): retention of a "
+                                     "chance-level score says nothing")
+        out[task.name] = info
+    return out
+
+
+# --------------------------------------------------------------------------- Pareto
+
+
+def pareto(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The frontier of mean KLD against .zst bytes, and where the shipped file stands on it."""
+    pts = [m for m in models if m.get("fidelity") and m.get("zst_bytes") and m["role"] != "base"]
+    frontier = []
+    for m in pts:
+        x, y = m["zst_bytes"], m["fidelity"]["kld_mean"]["value"]
+        if not any(o is not m and o["zst_bytes"] <= x and o["fidelity"]["kld_mean"]["value"] <= y
+                   and (o["zst_bytes"], o["fidelity"]["kld_mean"]["value"]) != (x, y) for o in pts):
+            frontier.append(m["label"])
+    frontier.sort(key=lambda label: next(p["zst_bytes"] for p in pts if p["label"] == label))
+    shipped = next(m for m in models if m["label"] == SHIPPED)
+    kld = shipped["fidelity"]["kld_mean"]
+    smaller = [m for m in pts if m["role"] == "baseline" and m["zst_bytes"] <= shipped["zst_bytes"]]
+    dominated_by = [m["label"] for m in smaller if m["fidelity"]["kld_mean"]["ci_high"] < kld["ci_low"]]
+    best = min(smaller, key=lambda m: m["fidelity"]["kld_mean"]["value"], default=None)
+    if best is None:
+        sentence = (f"No plain llama.cpp quantization tried is as small as the shipped file "
+                    f"({shipped['zst_bytes']:,} bytes packed); the smallest is "
+                    f"{min((m for m in pts if m['role'] == 'baseline'), key=lambda m: m['zst_bytes'])['label']}.")
+    else:
+        b = best["fidelity"]["kld_mean"]
+        verdict = ("lower, intervals apart" if kld["ci_high"] < b["ci_low"] else
+                   "higher, intervals apart" if b["ci_high"] < kld["ci_low"] else "not separable")
+        sentence = (f"At {shipped['zst_bytes']:,} bytes packed, the chain's file has a mean KL divergence of "
+                    f"{kld['value']:.4f} [{kld['ci_low']:.4f}, {kld['ci_high']:.4f}] from {BASELINE}; the best plain "
+                    f"llama.cpp quantization at no more bytes, {best['label']} ({best['zst_bytes']:,} bytes), has "
+                    f"{b['value']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}]: the chain's is {verdict}.")
+    return {"frontier": frontier, "shipped_on_frontier": SHIPPED in frontier, "dominated_by": dominated_by,
+            "best_plain_at_size": None if best is None else best["label"], "sentence": sentence}
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def _model_dir(art: Artifact) -> Path:
-    path = art.path / "model"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{art.stage} {art.version}: no Hugging Face folder at {path}")
-    return path
+def lineage(inputs: dict[str, Artifact]) -> dict[str, dict[str, Any]]:
+    """What each stage measured of its own output (transformers for the Hugging Face stages)."""
+    keep = ("perplexity", "perplexity_tokens", "sparsity", "bits_per_weight", "bytes_on_disk", "zst_bytes",
+            "heldout_kl_before", "heldout_kl_after", "export_kld", "val_loss_first", "val_loss_last", "seconds")
+    return {s: {"version": inputs[s].version, **{k: v for k, v in inputs[s].manifest.get("metrics", {}).items()
+                                                 if k in keep}}
+            for s in LINEAGE if s in inputs}
 
 
-def _gguf_file(art: Artifact) -> Path:
-    path = art.path / "model.gguf"
-    if not path.exists():
-        raise FileNotFoundError(f"{art.stage} {art.version}: no model.gguf at {path}")
-    return path
+def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Callable[[str], Any] = print) -> Artifact:
+    """Score every candidate, record the gates' thresholds and publish the benchmark_report artifact."""
+    from refinery import humaneval_exec, report
+    from refinery.llamacpp import tokens_per_second
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    heldout = None
+    if "raw_corpus" in inputs and (inputs["raw_corpus"].path / "heldout.jsonl").exists():
+        heldout = inputs["raw_corpus"].path / "heldout.jsonl"
+    use = tasks_in_use(profile)
+    if "demo_heldout" in use and heldout is None:
+        raise FileNotFoundError("eval.tasks has demo_heldout, but raw_corpus has no heldout.jsonl "
+                                "(the demo source writes it); remove the task or ingest the demo corpus")
+    work = home / "work" / STAGE
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"eval": profile.eval.model_dump(mode="json"), "gates": profile.gates.model_dump(mode="json"),
+              "release": profile.release.model_dump(mode="json"), "decontam": profile.decontam.model_dump(mode="json")}
+    refs = {name: art.ref() for name, art in inputs.items()}
+
+    with staged_artifact(STAGE, config=config, inputs=refs, home=home) as st:
+        cands = candidates(inputs, work, profile, log)
+        tokens = token_set(next(c.path for c in cands if c.role == "reference"), profile, heldout)
+        tokens.save(st.path / "tokens.npz")
+        log(f"{STAGE}: {len(cands)} GGUFs; fidelity on {tokens.predictions:,} predicted tokens "
+            f"({len(tokens.chunks)} chunks of {tokens.chunks.shape[1]})")
+        fid = fidelity_scores(cands, tokens, work, profile, log)
+
+        task_dir = st.path / "tasks"
+        prepared = prepare_tasks(profile, task_dir, heldout) if use else []
+        manager = task_manager(profile, task_dir) if prepared else None
+        per_item: dict[str, dict[str, Items]] = {}
+        scores: dict[str, dict[str, Score]] = {}
+        for cand in [c for c in cands if c.label in profile.eval.task_models] if prepared else []:
+            scores[cand.label], per_item[cand.label] = score_tasks(
+                cand, prepared, manager, profile, work, st.path / "lm_eval" / cand.label, log)
+        _write_items(st.path / "items.jsonl", per_item)
+
+        models = []
+        for cand in cands:
+            m = {**{k: v for k, v in asdict(cand).items() if k != "path"}, "file": str(cand.path),
+                 "bytes": cand.path.stat().st_size, "fidelity": fid.get(cand.label),
+                 "scores": {t: asdict(s) for t, s in scores.get(cand.label, {}).items()}}
+            if cand.role != "base":
+                speed = tokens_per_second(cand.path, profile.eval.speed_tokens, profile.eval.fidelity.n_threads)
+                m["tokens_per_second"] = speed["generation_tokens_per_second"]
+                m["prompt_tokens_per_second"] = speed["prompt_tokens_per_second"]
+            models.append(m)
+
+        task_info = task_gates(prepared, use, per_item)
+        retention: dict[str, dict[str, Any]] = {}
+        fine_tuning: dict[str, Any] = {}
+        for label in per_item:
+            if label == BASELINE:
+                continue
+            for task in prepared:
+                s = spec(task.name)
+                a, b = paired(per_item[label][task.name], per_item[BASELINE][task.name])
+                if label == "base_model":
+                    fine_tuning[task.name] = paired_difference(s.metric_name, b.values, a.values, b.weights, a.weights)
+                else:
+                    retention.setdefault(label, {})[task.name] = paired_retention(
+                        s.metric_name, s.higher_is_better, a.values, b.values, a.weights, b.weights)
+
+        gates = {**profile.gates.model_dump(mode="json"), "max_bytes": profile.release.max_bytes,
+                 "min_retention": {t: i["min_retention"] for t, i in task_info.items() if i["gated"]},
+                 "recorded_from": profile.frozen_from or profile.source_file}
+        doc = {
+            "run_id": st.version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "profile": profile.name, "baseline": BASELINE, "shipped": SHIPPED,
+            "token_set": {"chunks": int(tokens.chunks.shape[0]), "chunk": int(tokens.chunks.shape[1]),
+                          "predictions": tokens.predictions, "digest": tokens.digest,
+                          "sources": {src: tokens.sources.count(src) for src in sorted(set(tokens.sources))}},
+            "fidelity_method": ("KL(P_qlora_model || P_model) per predicted token over the token set, llama.cpp "
+                                "logits for every model; 95% percentile bootstrap over chunks"),
+            "models": models,
+            "lineage": lineage(inputs),
+            "tasks": task_info,
+            "retention": retention,
+            "retention_method": "paired bootstrap over items, 95% percentile interval; "
+                                f"retention = model/{BASELINE} (perplexity: {BASELINE}/model)",
+            "fine_tuning": fine_tuning,
+            "pareto": pareto(models),
+            "gates": gates,
+            "humaneval": {"requested": "humaneval" in profile.eval.tasks,
+                          "executed": "humaneval" in use,
+                          "sandbox": humaneval_exec.sandbox_description(profile.eval.humaneval_isolation)
+                          if "humaneval" in use else None},
+            "decontamination": decontamination_summary(profile, inputs, heldout),
+            "release_candidate": release_candidate(inputs, profile),
+        }
+        report.write_report_files(doc, st.path)
+        st.metrics.update(report.summary_metrics(doc))
+    return load_artifact(st.path)
 
 
-def candidates(inputs: dict[str, Artifact], work_dir: Path, profile: Profile,
-               log: Callable[[str], Any] = print) -> list[Candidate]:
-    """Every model the report scores, the plain-quantization baselines included."""
-    missing = [s for s in MODEL_STAGES if s not in inputs]
-    if missing:
-        raise ValueError(f"benchmark_report needs the inputs {list(MODEL_STAGES)}; missing {missing}")
-    out = []
-    for stage in MODEL_STAGES:
-        art = inputs[stage]
-        if stage == "gguf_zst":
-            out.append(Candidate(stage, stage, art.version, "gguf", _gguf_file(art), "GGUF of awq_model"))
-            continue
-        out.append(Candidate(stage, stage, art.version, "hf", _model_dir(art)))
-        if stage == RELEASE_STAGE:
-            out.append(Candidate(f"{stage}.gguf", stage, art.version, "gguf", _gguf_file(art),
-                                 "the GGUF the release ships"))
-    from refinery.gguf_export import convert_to_gguf
+def _write_items(path: Path, per_item: dict[str, dict[str, Items]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for label, tasks in per_item.items():
+            for task, it in tasks.items():
+                for i, key in enumerate(it.keys):
+                    row = {"model": label, "task": task, "key": key, "value": float(it.values[i])}
+                    if it.weights is not None:
+                        row["weight"] = float(it.weights[i])
+                    f.write(json.dumps(row) + "\n")
 
-    qlora = inputs[BASELINE]
-    for gguf_type in PLAIN_GGUF_TYPES:
-        path = work_dir / f"{BASELINE}.{qlora.version}.{gguf_type}.gguf"
-        if not path.exists():  # keyed by the baseline's version: reused on a rerun (written atomically)
-            log(f"plain {gguf_type} GGUF of {BASELINE} (refinery.gguf_export)")
-            convert_to_gguf(_model_dir(qlora), path, gguf_type,
-                            metadata={"general.name": f"{BASELINE} {gguf_type} (plain)", "source_version": qlora.version})
-        out.append(Candidate(f"{BASELINE}.{gguf_type}", BASELINE, qlora.version, "gguf", path,
-                             f"plain {gguf_type} of {BASELINE}, no pruning/AWQ/recovery"))
-    return out
+
+def load_report(artifact_path: Path) -> dict[str, Any]:
+    return json.loads((Path(artifact_path) / "report.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- decontamination, release candidate
+
+
+def release_candidate(inputs: dict[str, Artifact], profile: Profile) -> dict[str, Any]:
+    """The files the release would ship, and whether llama.cpp loads and runs the GGUF."""
+    from refinery.llamacpp import loads_and_generates
+
+    art = inputs[SHIPPED]
+    gguf, zst = art.path / "model.gguf", art.path / "model.gguf.zst"
+    files = art.manifest.get("files", {})
+    try:  # a child process: a crash in native code is a finding of the report, not a crash of it
+        loads, sample = loads_and_generates(gguf)
+    except Exception as exc:
+        loads, sample = False, f"{type(exc).__name__}: {exc}"
+    return {"stage": SHIPPED, "version": art.version, "artifact": str(art.path),
+            "gguf": str(gguf), "gguf_zst": str(zst),
+            "gguf_sha256": files.get("model.gguf", {}).get("sha256"),
+            "gguf_zst_sha256": files.get("model.gguf.zst", {}).get("sha256"),
+            "gguf_zst_bytes": zst.stat().st_size if zst.exists() else None,
+            "llama_cpp_loads": loads, "llama_cpp_sample": sample if loads else "",
+            "llama_cpp_error": "" if loads else sample}
 
 
 def _find_deduped(inputs: dict[str, Artifact]) -> Artifact | None:
@@ -395,123 +680,3 @@ def decontamination_summary(profile: Profile, inputs: dict[str, Artifact], heldo
             "removed": len(removed), "removed_examples": removed[:max_listed],
             "remaining": len(remaining),
             "remaining_examples": [{"id": k, "detail": v} for k, v in list(remaining.items())[:max_listed]]}
-
-
-def release_candidate(inputs: dict[str, Artifact], profile: Profile) -> dict[str, Any]:
-    """The files the release would ship, and whether llama.cpp loads and runs the GGUF."""
-    from refinery.llamacpp import loads_and_generates
-
-    art = inputs[RELEASE_STAGE]
-    gguf, zst = art.path / "model.gguf", art.path / "model.gguf.zst"
-    files = art.manifest.get("files", {})
-    try:  # a child process: a crash in native code is a finding of the report, not a crash of it
-        loads, sample = loads_and_generates(gguf)
-    except Exception as exc:
-        loads, sample = False, f"{type(exc).__name__}: {exc}"
-    return {"stage": RELEASE_STAGE, "version": art.version, "artifact": str(art.path),
-            "gguf": str(gguf), "gguf_zst": str(zst),
-            "gguf_sha256": files.get("model.gguf", {}).get("sha256"),
-            "gguf_zst_sha256": files.get("model.gguf.zst", {}).get("sha256"),
-            "gguf_zst_bytes": zst.stat().st_size if zst.exists() else None,
-            "llama_cpp_loads": loads, "llama_cpp_sample": sample if loads else "",
-            "llama_cpp_error": "" if loads else sample, "max_bytes": profile.release.max_bytes}
-
-
-def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Callable[[str], Any] = print) -> Artifact:
-    """Score every stage with lm-eval and publish the benchmark_report artifact."""
-    from refinery import humaneval_exec, report
-    from refinery.llamacpp import tokens_per_second
-
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    heldout = None
-    if "raw_corpus" in inputs and (inputs["raw_corpus"].path / "heldout.jsonl").exists():
-        heldout = inputs["raw_corpus"].path / "heldout.jsonl"
-    key = config_hash(profile.eval)
-    work = home / "work" / STAGE / key
-    work.mkdir(parents=True, exist_ok=True)
-    use = tasks_in_use(profile)
-    if not use:
-        raise ValueError(f"{profile.source_file}: eval.tasks has nothing to score (HumanEval alone needs "
-                         "eval.humaneval_execute: true)")
-    if "demo_heldout" in use and heldout is None:
-        raise FileNotFoundError("profile.eval.tasks has demo_heldout, but raw_corpus has no heldout.jsonl "
-                                "(the demo source writes it); remove the task or ingest the demo corpus")
-    config = {"eval": profile.eval.model_dump(), "decontam": profile.decontam.model_dump(),
-              "release": profile.release.model_dump(), "profile": profile.name}
-    refs = {name: art.ref() for name, art in inputs.items()}
-
-    with staged_artifact(STAGE, config=config, inputs=refs, home=home) as st:
-        task_dir = st.path / "tasks"
-        prepared = prepare_tasks(profile, task_dir, heldout)
-        manager = task_manager(profile, task_dir)
-        cands = candidates(inputs, work, profile, log)
-        results: list[ModelResult] = []
-        per_item: dict[str, dict[str, Items]] = {}
-        for cand in cands:
-            res, items = score_candidate(cand, prepared, manager, profile, st.path / "lm_eval" / cand.label, log)
-            if cand.kind == "gguf":
-                log(f"[{cand.label}] llama.cpp speed")
-                speed = tokens_per_second(cand.path, profile.eval.speed_tokens, os.cpu_count() or 1)
-                res.tokens_per_second = speed["generation_tokens_per_second"]
-                res.prompt_tokens_per_second = speed["prompt_tokens_per_second"]
-                zst = cand.path.parent / (cand.path.name + ".zst")
-                res.gguf_zst_bytes = zst.stat().st_size if zst.exists() else None
-            results.append(res)
-            per_item[cand.label] = items
-        _write_items(st.path / "items.jsonl", per_item)
-
-        retention: dict[str, dict[str, Any]] = {}
-        for res in results:
-            if res.label == BASELINE:
-                continue
-            retention[res.label] = {}
-            for task in prepared:
-                s = spec(task.name)
-                a, b = paired(per_item[res.label][task.name], per_item[BASELINE][task.name])
-                retention[res.label][task.name] = paired_retention(
-                    s.metric_name, s.higher_is_better, a.values, b.values, a.weights, b.weights)
-
-        he = profile.eval.tasks.get("humaneval")
-        doc = {
-            "run_id": st.version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "profile": profile.name, "baseline": BASELINE,
-            "tasks": {t.name: {"lm_eval_task": t.lm_eval_task, "metric": t.metric,
-                               "higher_is_better": spec(t.name).higher_is_better, "items": t.items,
-                               "num_fewshot": use[t.name].num_fewshot,
-                               "min_retention": use[t.name].min_retention} for t in prepared},
-            "models": [_result_dict(r) for r in results],
-            "retention": retention,
-            "retention_method": "paired bootstrap over items, 95% percentile interval; "
-                                "retention = stage/qlora_model (perplexity: qlora_model/stage)",
-            "humaneval": {"requested": he is not None, "executed": he is not None and profile.eval.humaneval_execute,
-                          "sandbox": humaneval_exec.sandbox_description() if he is not None
-                          and profile.eval.humaneval_execute else None},
-            "decontamination": decontamination_summary(profile, inputs, heldout),
-            "release_candidate": release_candidate(inputs, profile),
-        }
-        report.write_report_files(doc, st.path)
-        st.metrics.update(report.summary_metrics(doc))
-    return load_artifact(st.path)
-
-
-def _result_dict(r: ModelResult) -> dict[str, Any]:
-    d = asdict(r)
-    d["scores"] = {k: asdict(v) for k, v in r.scores.items()}
-    return d
-
-
-def _write_items(path: Path, per_item: dict[str, dict[str, Items]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for label, tasks in per_item.items():
-            for task, it in tasks.items():
-                for i, key in enumerate(it.keys):
-                    row = {"model": label, "task": task, "key": key, "value": float(it.values[i])}
-                    if it.weights is not None:
-                        row["weight"] = float(it.weights[i])
-                    f.write(json.dumps(row) + "\n")
-
-
-def load_report(artifact_path: Path) -> dict[str, Any]:
-    return json.loads((Path(artifact_path) / "report.json").read_text(encoding="utf-8"))
-

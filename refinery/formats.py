@@ -84,7 +84,7 @@ def detect_format(obj: dict) -> str | None:
         return "openai"
     if "message_tree_id" in keys and "prompt" in keys:
         return "oasst"
-    if "message_id" in keys and "text" in keys and obj.get("role") in OASST_ROLES:
+    if "message_id" in keys and "text" in keys and _hashable(obj.get("role")) in OASST_ROLES:
         return "oasst"
     if "question" in keys and ("response" in keys or "chosen" in keys):
         return "openorca"
@@ -132,6 +132,11 @@ def _list(obj: dict, field: str, *, path: str | None = None) -> list:
     if not value:
         raise RecordError(name, "empty")
     return value
+
+
+def _hashable(value: Any) -> Any:
+    """``value``, or None when it is a list or object (a wrong type, not a dict key)."""
+    return None if isinstance(value, (list, dict)) else value
 
 
 def _join(*parts: str) -> str:
@@ -288,7 +293,7 @@ def _replies(node: dict, where: str) -> list[tuple[dict, str]]:
 
 def _oasst_turn(node: dict, where: str) -> dict:
     at = f"{where}." if where else ""
-    role = OASST_ROLES.get(node.get("role"))
+    role = OASST_ROLES.get(_hashable(node.get("role")))
     if role is None:
         raise RecordError(f"{at}role", f"unknown role {node.get('role')!r}")
     return {"role": role, "content": _text(node, "text", path=f"{at}text")}

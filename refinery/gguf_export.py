@@ -30,12 +30,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from refinery.artifacts import Artifact, latest, load_artifact, sha256_file, staged_artifact
+from refinery.artifacts import Artifact, load_artifact, sha256_file, staged_artifact
 from refinery.config import Profile
 
 STAGE = "gguf_zst"
 EXPORTER_VERSION = "1"
-GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16")
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "F32")
 GGUF_NAME = "model.gguf"
 CHUNK = 1 << 20
 
@@ -198,6 +198,73 @@ def _llama3_rope_factors(rope: dict[str, Any], head_dim: int):
     return np.array(out, dtype=np.float32)
 
 
+# --------------------------------------------------------------------------- the 4-bit grid, carried over
+
+# A compressed-tensors int4 weight with groups of 32 is exactly a llama.cpp block type:
+# symmetric x = s * q (q in [-8, 7]) is Q4_0 with d = s and code q + 8; asymmetric
+# x = s * (q - z) is Q4_1 with d = s, m = -s * (z + 8) and code q + 8. Writing those codes keeps
+# the quantization AWQ chose instead of rounding the weights a second time.
+GRID_TYPES = {True: "Q4_0", False: "Q4_1"}  # symmetric -> type
+
+
+def weight_grid(model_dir: Path) -> dict[str, Any] | None:
+    """The folder's int4 group-32 weight grid (``{"type": "Q4_0"|"Q4_1", "symmetric": bool}``),
+    or None when its weights are not quantized that way."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    weights = [g.get("weights") or {} for g in groups.values()]
+    if len(weights) != 1:
+        return None
+    w = weights[0]
+    if w.get("num_bits") != 4 or w.get("type") != "int" or w.get("group_size") != 32 or w.get("strategy") != "group":
+        return None
+    return {"type": GRID_TYPES[bool(w.get("symmetric"))], "symmetric": bool(w.get("symmetric"))}
+
+
+def resolve_type(gguf_type: str, model_dir: Path) -> str:
+    """``auto``: the block type that holds the folder's 4-bit grid exactly (error when it has none)."""
+    if gguf_type != "auto":
+        return gguf_type
+    grid = weight_grid(model_dir)
+    if grid is None:
+        raise GGUFExportError(f"gguf.type: auto carries an int4 group-32 weight grid into Q4_0/Q4_1, but "
+                              f"{model_dir} has none (quantize with awq.group_size: 32, or set gguf.type)")
+    return grid["type"]
+
+
+def pack_on_grid(weight, scale, zero_point, gguf_type: str):
+    """Q4_0 / Q4_1 blocks (uint8 rows) holding exactly the codes of ``weight = s * (q - z)``.
+
+    ``scale`` and ``zero_point``: (rows, groups of 32). Raises when the weight is not on that grid.
+    """
+    import numpy as np
+
+    rows, cols = weight.shape
+    groups = scale.shape[1]
+    if cols != groups * 32:
+        raise GGUFExportError(f"grid export needs groups of 32 columns, got {cols} columns in {groups} groups")
+    s = np.asarray(scale, dtype=np.float32).reshape(rows, groups, 1)
+    z = np.zeros_like(s) if zero_point is None else np.asarray(zero_point, dtype=np.float32).reshape(rows, groups, 1)
+    w = np.asarray(weight, dtype=np.float32).reshape(rows, groups, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s == 0, z, np.rint(w / s) + z)
+    if q.min() < -8 or q.max() > 7 or not np.allclose((q - z) * s, w, rtol=0, atol=1e-6 * float(np.abs(w).max() or 1)):
+        raise GGUFExportError("the weight is not on its own int4 grid (scale/zero point do not reproduce it)")
+    codes = (q + 8).astype(np.uint8).reshape(rows * groups, 2, 16)
+    nibbles = codes[:, 0, :] | (codes[:, 1, :] << np.uint8(4))
+    d = s.reshape(-1, 1).astype(np.float16).view(np.uint8)
+    if gguf_type == "Q4_0":
+        if zero_point is not None and np.any(z != 0):
+            raise GGUFExportError("Q4_0 holds a symmetric grid only; this one has zero points (use Q4_1)")
+        blocks = np.concatenate([d, nibbles], axis=1)
+    elif gguf_type == "Q4_1":
+        m = (-(z + 8) * s).reshape(-1, 1).astype(np.float16).view(np.uint8)
+        blocks = np.concatenate([d, m, nibbles], axis=1)
+    else:
+        raise GGUFExportError(f"no exact block type {gguf_type!r} for an int4 grid (Q4_0 or Q4_1)")
+    return blocks.reshape(rows, -1)
+
+
 def _tensor_type(name: str, data, main: str, embedding_type: str) -> str:
     """GGUF type of one tensor: F32 for 1-D; the embedding rule; F16 when rows do not fit blocks."""
     import gguf
@@ -214,13 +281,30 @@ def _tensor_type(name: str, data, main: str, embedding_type: str) -> str:
     return kind
 
 
+def grid_tensors(model_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """Weight name -> (scale, zero point or None) of every grid-quantized Linear in the folder."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[str, Any]] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as tensors:  # pt: scales may be bfloat16, which numpy lacks
+            for name in tensors.keys():
+                for suffix in ("weight_scale", "weight_zero_point"):
+                    if name.endswith("." + suffix):
+                        value = tensors.get_tensor(name).float().numpy()
+                        found.setdefault(name[: -len(suffix)] + "weight", {})[suffix] = value
+    return {k: (v["weight_scale"], v.get("weight_zero_point")) for k, v in found.items() if "weight_scale" in v}
+
+
 def convert_to_gguf(model_dir: Path, out_path: Path, gguf_type: str, *,
                     metadata: dict[str, str] | None = None, embedding_type: str = "auto",
-                    log: Callable[[str], Any] = lambda _msg: None) -> Path:
+                    log: Callable[[str], Any] = lambda _msg: None, stats: dict[str, Any] | None = None) -> Path:
     """Write a llama.cpp GGUF of the Llama-architecture model in ``model_dir``; returns ``out_path``.
 
     ``metadata``: lineage written into the file; keys starting with ``general.`` are written as
     they are (``general.name``), every other key as ``refinery.<key>`` (string values).
+    ``gguf_type="auto"`` writes an int4 group-32 grid as the block type that holds it exactly;
+    ``stats`` (when given) receives the type chosen and how many tensors kept their grid.
     """
     import gguf
     import numpy as np
@@ -228,10 +312,14 @@ def convert_to_gguf(model_dir: Path, out_path: Path, gguf_type: str, *,
 
     from refinery.modelstats import load_model
 
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    gguf_type = resolve_type(gguf_type, model_dir)
     _qtype(gguf_type)
     if embedding_type != "auto":
         _qtype(embedding_type)
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    grid = weight_grid(model_dir)
+    # the grid goes over exactly when the block type is the grid's own; else a second rounding
+    grids = grid_tensors(model_dir) if grid is not None and grid["type"] == gguf_type else {}
     model = load_model(model_dir)  # dense fp32, compressed-tensors decompressed
     config = model.config
     if config.model_type != "llama":
@@ -277,6 +365,7 @@ def convert_to_gguf(model_dir: Path, out_path: Path, gguf_type: str, *,
             w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                          _llama3_rope_factors(rope, head_dim))
         types: dict[str, int] = {}
+        on_grid = 0
         for hf_name, tensor in model.state_dict().items():
             if hf_name == "lm_head.weight" and tied:
                 continue  # llama.cpp uses token_embd.weight when output.weight is absent
@@ -289,17 +378,29 @@ def convert_to_gguf(model_dir: Path, out_path: Path, gguf_type: str, *,
             if name is None:
                 raise GGUFExportError(f"{model_dir}: tensor {hf_name} has no llama.cpp name")
             data = tensor.detach().to(torch.float32).numpy()
-            if hf_name.endswith("self_attn.q_proj.weight"):
-                data = permute_qk(data, n_head, n_head)
-            elif hf_name.endswith("self_attn.k_proj.weight"):
-                data = permute_qk(data, n_head, n_head_kv)
+            scale, zero = grids.get(hf_name, (None, None))
+            heads = {"q_proj": n_head, "k_proj": n_head_kv}.get(hf_name.split(".")[-2]) \
+                if "self_attn" in hf_name else None
+            if heads is not None:  # the grid's rows move with the weight's
+                data = permute_qk(data, n_head, heads)
+                scale = None if scale is None else permute_qk(scale, n_head, heads)
+                zero = None if zero is None else permute_qk(zero, n_head, heads)
             kind = _tensor_type(name, data, gguf_type, embedding_type)
             qtype = gguf.GGMLQuantizationType[kind]
             data = np.ascontiguousarray(data)
-            packed = data if kind == "F32" else gguf.quants.quantize(data, qtype)
+            if scale is not None and kind == gguf_type:
+                packed = pack_on_grid(data, scale, zero, kind)
+                on_grid += 1
+            else:
+                packed = data if kind == "F32" else gguf.quants.quantize(data, qtype)
             w.add_tensor(name, packed, raw_dtype=qtype)
             types[kind] = types.get(kind, 0) + 1
-        log(f"gguf: writing {out_path.name} ({gguf_type}; tensors by type {types})")
+        quantized = sum(n for k, n in types.items() if k not in ("F32", "F16"))
+        if stats is not None:
+            stats.update(gguf_type=gguf_type, tensors_by_type=types, grid_tensors=on_grid,
+                         weight_grid=grid["type"] if grid else None)
+        log(f"gguf: writing {out_path.name} ({gguf_type}; tensors by type {types}; {on_grid} of {quantized} "
+            "quantized tensors carry their int4 grid over exactly)")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -308,10 +409,11 @@ def convert_to_gguf(model_dir: Path, out_path: Path, gguf_type: str, *,
     return out_path
 
 
-def gguf_summary(gguf_path: Path) -> dict[str, Any]:
+def gguf_summary(gguf_path: Path, *, count_zeros: bool = True) -> dict[str, Any]:
     """Tensor types, weights, bytes and bits per weight of a GGUF, and its zero fraction.
 
-    ``sparsity``: exact zeros among the dequantized 2-D weights (what llama.cpp computes with).
+    ``sparsity``: exact zeros among the dequantized 2-D weights (what llama.cpp computes with);
+    None without ``count_zeros`` (dequantizing every tensor takes seconds).
     """
     import gguf
     import numpy as np
@@ -323,13 +425,13 @@ def gguf_summary(gguf_path: Path) -> dict[str, Any]:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         elements += int(t.n_elements)
         data_bytes += int(t.n_bytes)
-        if len(t.shape) == 2 and t.name != "token_embd.weight":
+        if count_zeros and len(t.shape) == 2 and t.name != "token_embd.weight":
             values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
             zeros += int((values == 0).sum())
             weights2d += int(t.n_elements)
     return {"tensor_types": types, "parameters": elements, "tensor_bytes": data_bytes,
             "bytes": gguf_path.stat().st_size, "bits_per_weight": data_bytes * 8 / elements,
-            "sparsity": zeros / weights2d if weights2d else 0.0}
+            "sparsity": (zeros / weights2d if weights2d else 0.0) if count_zeros else None}
 
 
 # --------------------------------------------------------------------------- zstd
@@ -359,6 +461,19 @@ def zstd_pack(gguf_path: Path, level: int, *, threads: int = -1) -> dict[str, An
             "zstd_level": level, "zstd_ratio": size / zst_bytes, "zstd_seconds": round(seconds, 3)}
 
 
+def zstd_size(path: Path, level: int) -> int:
+    """Bytes ``path`` takes packed with zstd at ``level`` (compressed and counted, not written)."""
+    import zstandard
+
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+    total = 0
+    with open(path, "rb") as src:
+        reader = cctx.stream_reader(src, size=Path(path).stat().st_size)
+        while chunk := reader.read(CHUNK * 4):
+            total += len(chunk)
+    return total
+
+
 def verify_roundtrip(zst_path: Path, expected_sha256: str) -> bool:
     """Decompress (streaming) and compare the SHA-256 with the original's; False on any damage."""
     import zstandard
@@ -382,8 +497,9 @@ def export_model(model_dir: Path, out_dir: Path, gguf_type: str, zstd_level: int
     """
     out_dir = Path(out_dir)
     start = time.perf_counter()
+    converted: dict[str, Any] = {}
     gguf_path = convert_to_gguf(model_dir, out_dir / GGUF_NAME, gguf_type, metadata=metadata,
-                                embedding_type=embedding_type, log=log)
+                                embedding_type=embedding_type, log=log, stats=converted)
     convert_seconds = time.perf_counter() - start
     summary = gguf_summary(gguf_path)
     packed = zstd_pack(gguf_path, zstd_level)
@@ -392,7 +508,7 @@ def export_model(model_dir: Path, out_dir: Path, gguf_type: str, zstd_level: int
         raise RuntimeError(f"{out_dir / packed['zst']}: zstd round trip does not reproduce {gguf_path.name}")
     log(f"gguf: {summary['bytes']:,} bytes, {summary['bits_per_weight']:.2f} bits/weight; zstd level "
         f"{zstd_level}: {packed['zst_bytes']:,} bytes (x{packed['zstd_ratio']:.3f})")
-    return {"gguf_type": gguf_type, "embedding_type": embedding_type, **summary, **packed,
+    return {"embedding_type": embedding_type, **summary, **packed, **converted,
             "roundtrip_ok": ok, "convert_seconds": round(convert_seconds, 3)}
 
 
@@ -411,9 +527,36 @@ def lineage(artifact: Artifact) -> dict[str, str]:
     return out
 
 
+def export_kld(model_dir: Path, gguf_path: Path, text: str, *, tokens: int = 512, chunk: int = 256) -> dict[str, Any]:
+    """Mean KL divergence of the GGUF in llama.cpp from the Hugging Face folder it was written from,
+    in transformers, on the first ``tokens`` tokens of ``text``: how faithful the export is. A grid
+    carried over exactly leaves only llama.cpp's own arithmetic (8-bit activations) as difference;
+    a second rounding of the weights shows up here."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from refinery import llamacpp
+    from refinery.modelstats import load_model
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(text[: tokens * 16], add_special_tokens=False).input_ids[:tokens]
+    chunks = [ids[i:i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
+    model = load_model(model_dir)
+    total, count = 0.0, 0
+    with llamacpp.chunk_logits(gguf_path, chunk) as gguf_logits, torch.no_grad():
+        for c in chunks:
+            p = torch.log_softmax(model(torch.tensor([c])).logits[0].float(), -1)
+            q = torch.log_softmax(torch.from_numpy(np.array(gguf_logits(c), dtype=np.float32)), -1)
+            total += float((p.exp() * (p - q)).sum())
+            count += len(c)
+    return {"export_kld": total / count, "export_kld_tokens": count}
+
+
 def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path,
           log: Callable[[str], Any] = print) -> Artifact:
-    """GGUF + zstd of the awq_model artifact, checked to load and generate in llama.cpp."""
+    """GGUF + zstd of the awq_model artifact, its 4-bit grid carried over; checked to load and generate
+    in llama.cpp and to match the awq_model it was written from."""
     from refinery import llamacpp
     from refinery.modelstats import Timer, heldout_text, peak_rss_bytes
 
@@ -424,12 +567,12 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path,
     llamacpp.require()  # fail before converting when the runtime that must load it is missing
     recipe = source.path / "recipe.yaml"
     metadata = {"general.name": profile.release.name, "source_stage": source.stage,
-                "source_version": source.version, "profile": profile.name,
-                "lineage": json.dumps(lineage(source), sort_keys=True),
-                "exporter_version": EXPORTER_VERSION, "gguf_type": cfg.type}
+                "source_version": source.version, "lineage": json.dumps(lineage(source), sort_keys=True),
+                "exporter_version": EXPORTER_VERSION}
     if recipe.is_file():
         metadata["recipe"] = recipe.read_text(encoding="utf-8")
     config = {"gguf": cfg.model_dump(mode="json"), "exporter_version": EXPORTER_VERSION}
+    text = heldout_text(profile)
     with Timer() as timer, staged_artifact(STAGE, config=config, inputs={"awq_model": source.ref()},
                                            home=home) as st:
         result = export_model(source.path / "model", st.path, cfg.type, cfg.zstd_level, metadata,
@@ -438,14 +581,15 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path,
         ok, sample = llamacpp.loads_and_generates(gguf_path)
         if not ok:
             raise RuntimeError(f"{gguf_path}: llama.cpp could not load and generate: {sample}")
-        ppl = llamacpp.perplexity(gguf_path, heldout_text(profile), profile.eval.perplexity_tokens)
+        faithful = export_kld(source.path / "model", gguf_path, text)
+        ppl = llamacpp.perplexity(gguf_path, text, profile.eval.perplexity_tokens)
         st.metrics.update(result)
+        st.metrics.update(faithful)
         st.metrics.update(bytes_on_disk=result["zst_bytes"], gguf_bytes=result["bytes"],
                           llamacpp_ok=ok, sample=sample, perplexity=ppl,
                           perplexity_tokens=profile.eval.perplexity_tokens, perplexity_runtime="llama.cpp",
                           seconds=timer.seconds, peak_rss_bytes=peak_rss_bytes())
-    art = latest(STAGE, home)
-    assert art is not None and art.version == st.version
-    log(f"{STAGE}: {art.version}: {cfg.type}, {result['zst_bytes']:,} bytes packed, "
+    log(f"{STAGE}: {result['gguf_type']}, {result['grid_tensors']} tensors on their AWQ grid, "
+        f"{result['zst_bytes']:,} bytes packed; KL divergence from awq_model {faithful['export_kld']:.5f}, "
         f"perplexity {ppl:.2f} (llama.cpp)")
-    return art
+    return load_artifact(st.path)

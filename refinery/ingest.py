@@ -108,7 +108,10 @@ def _error(source: SourceConfig, path: Path | str, reason: str) -> SourceError:
 def _sniff_binary(source: SourceConfig, path: Path) -> bytes:
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
-    if b"\x00" in head:
+    # Binary data (Parquet, gzip, UTF-16) is full of NUL bytes and invalid UTF-8; a text file with a
+    # few damaged lines is not, and those lines are quarantined one by one instead of the whole file
+    bad = head.count(b"\x00") + head.decode("utf-8", "replace").count("\ufffd")
+    if b"\x00" in head and bad > max(8, len(head) // 100):
         raise _error(source, path, "binary data (NUL bytes), not a text file")
     return head
 
@@ -119,7 +122,7 @@ def _parse(item: RawRecord, max_record_bytes: int, size: int) -> RawRecord:
     elif item.error is None:
         try:
             item.obj = json.loads(item.raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # also: integers over Python's digit limit, deep nesting
             item.error = f"invalid JSON: {exc}"
     return item
 
@@ -192,7 +195,7 @@ def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Itera
         index += 1
         try:
             obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # also: integers over Python's digit limit, deep nesting
             # the rest of the file cannot be split into elements: keep it whole, as one record
             if index == 1:
                 raise _error(source, path, f"not a JSON array: {exc}") from None
@@ -262,9 +265,11 @@ def _read_csv(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterat
         header = reader.fieldnames or []
         start = reader.line_num + 1
         for row in reader:
-            undecodable = any(_has_surrogates(v) for v in row.values() if isinstance(v, str))
+            # cells past the header's columns come as a list under the key None
+            undecodable = any(_has_surrogates(v if isinstance(v, str) else "".join(v or ())) for v in row.values())
             if undecodable:  # show invalid bytes as \xNN text, so the raw row stays valid JSON
-                row = {k: _escape_surrogates(v) if isinstance(v, str) else v for k, v in row.items()}
+                row = {k: _escape_surrogates(v) if isinstance(v, str) else v and list(map(_escape_surrogates, v))
+                       for k, v in row.items()}
             item = _row_item(str(path), start, row, max_record_bytes)
             if None in row:
                 item.obj, item.error = None, f"{len(header) + len(row[None])} fields, the header has {len(header)}"
@@ -277,7 +282,8 @@ def _read_csv(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterat
 
 
 def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= c <= "\udcff" for c in text)
+    """Surrogates: bytes that were not UTF-8 (surrogateescape), or a JSON escape of half a pair."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
 
 
 def _escape_surrogates(text: str) -> str:
@@ -348,7 +354,9 @@ def _describe_keys(obj: Any) -> str:
 
 
 def read_source(source: SourceConfig, *, max_record_bytes: int,
-                log: Callable[[str], None] | None = None) -> SourceResult:
+                log: Callable[[str], None] | None = None,
+                sink: Callable[[list[dict], list[dict]], None] | None = None,
+                sink_records: int = 50_000) -> SourceResult:
     """Read one source into normalized records and quarantine rows (see the module docstring)."""
     files = _files(source)
     votes: Counter = Counter()
@@ -366,6 +374,7 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
 
     records: list[dict] = []
     quarantine: list[dict] = []
+    kept_out = quarantined_out = 0  # handed to the sink
     per_file = {f: {"read": 0, "kept": 0, "quarantined": 0} for f in files}
     reasons: Counter = Counter()
     read = 0
@@ -396,23 +405,48 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
                 continue
             try:
                 messages = to_messages(item.obj, fmt)
+                rid = record_id(messages)
             except RecordError as exc:
                 reject(item, exc.field, exc.reason)
                 continue
-            records.append({"id": record_id(messages), "source": source.name, "format": fmt,
+            except UnicodeEncodeError:  # a JSON escape of half a surrogate pair: no Unicode text
+                reject(item, _surrogate_field(item.obj), "not valid Unicode: a lone surrogate escape (\\ud800-\\udfff)")
+                continue
+            records.append({"id": rid, "source": source.name, "format": fmt,
                             "source_file": item.file, "source_line": item.line, "license": source.license,
                             "messages": messages, "original": item.raw})
             per_file[file]["kept"] += 1
+            if sink is not None and len(records) >= sink_records:  # streaming: hand over, hold no more
+                sink(records, quarantine)
+                kept_out, quarantined_out = kept_out + len(records), quarantined_out + len(quarantine)
+                records, quarantine = [], []
         if source.max_records is not None and read >= source.max_records:
             break
 
-    counts = {"read": read, "kept": len(records), "quarantined": len(quarantine), "format": fmt,
+    if sink is not None:
+        sink(records, quarantine)
+        kept_out, quarantined_out = kept_out + len(records), quarantined_out + len(quarantine)
+        records, quarantine = [], []
+    counts = {"read": read, "kept": kept_out + len(records), "quarantined": quarantined_out + len(quarantine), "format": fmt,
               "format_chosen": chosen, "format_votes": dict(votes), "license": source.license,
               "reasons": dict(reasons), "files": per_file}
     _reconcile(source.name, counts)
     if log:
-        log(f"source {source.name}: read {read}, kept {len(records)}, quarantined {len(quarantine)}")
+        log(f"source {source.name}: read {read}, kept {counts['kept']}, quarantined {counts['quarantined']}")
     return SourceResult(source.name, fmt, records, quarantine, counts)
+
+
+def _surrogate_field(obj: Any) -> str | None:
+    """The path of the first string value in ``obj`` (breadth first) that holds a lone surrogate."""
+    todo: list[tuple[str, Any]] = [("", obj)]
+    for path, value in todo:  # grows while it is walked
+        if isinstance(value, str) and _has_surrogates(value):
+            return path or None
+        if isinstance(value, dict):
+            todo += [(f"{path}.{k}".lstrip("."), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    return None
 
 
 def _reconcile(name: str, counts: dict) -> None:
@@ -459,3 +493,40 @@ def write_raw_corpus(result: IngestResult, out_dir: Path) -> dict:
                              f"expected {result.totals['kept']} and {result.totals['quarantined']}")
     return {"read": result.totals["read"], "kept": kept, "quarantined": quarantined,
             "per_source": result.per_source}
+
+
+def ingest_to(sources: list[SourceConfig], out_dir: Path, *, max_record_bytes: int, batch_records: int = 50_000,
+              log: Callable[[str], None] | None = None) -> dict:
+    """``ingest`` + ``write_raw_corpus`` streaming: records reach records.parquet ``batch_records``
+    at a time, so memory does not grow with the corpus. Returns the same metrics."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {name: pq.ParquetWriter(out_dir / f".{name}.tmp", schema, compression="zstd")
+               for name, schema in (("records.parquet", RECORD_SCHEMA), ("quarantine.parquet", QUARANTINE_SCHEMA))}
+    written = {"records.parquet": 0, "quarantine.parquet": 0}
+
+    def sink(records: list[dict], quarantine: list[dict]) -> None:
+        for name, rows, schema in (("records.parquet", records, RECORD_SCHEMA),
+                                   ("quarantine.parquet", quarantine, QUARANTINE_SCHEMA)):
+            if rows:
+                writers[name].write_table(_arrow(rows, schema))
+                written[name] += len(rows)
+
+    per_source = {}
+    try:
+        for source in sources:
+            per_source[source.name] = read_source(source, max_record_bytes=max_record_bytes, log=log, sink=sink,
+                                                  sink_records=batch_records).counts
+    finally:
+        for w in writers.values():
+            w.close()
+    totals = {key: sum(c[key] for c in per_source.values()) for key in ("read", "kept", "quarantined")}
+    if (written["records.parquet"], written["quarantine.parquet"]) != (totals["kept"], totals["quarantined"]):
+        raise AssertionError(f"wrote {written} rows, expected {totals['kept']} records and {totals['quarantined']} "
+                             "quarantine rows")
+    for name in writers:  # published only when complete
+        (out_dir / f".{name}.tmp").replace(out_dir / name)
+    return {"read": totals["read"], "kept": totals["kept"], "quarantined": totals["quarantined"],
+            "per_source": per_source}

@@ -5,8 +5,13 @@ new version is new data again. Files stay in ``landing/`` until the raw_corpus a
 ingested them is published; then they move to ``landing/processed/<raw_corpus version>/``, so a
 crash loses nothing (the file is still waiting) and nothing is ingested twice (it has left the
 directory the sensor watches). A full raw_corpus rebuild ingests ``processed/`` too, so data that
-arrived through the landing directory stays in the corpus. Hidden files (``.name``) are ignored:
-copy a large file in under a hidden name and rename it when complete.
+arrived through the landing directory stays in the corpus.
+
+Whole files only: a file is ingested once it is *complete*, that is when a ``<name>.done`` marker
+sits next to it (a producer that can write one should), or when its size and mtime are the same
+at two sensor evaluations in a row (landing.interval_seconds apart): a copy still running has
+grown in between. A producer that can stall longer than that interval mid-file must use the
+marker, or copy under a hidden name (``.name``, ignored) and rename it when complete.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ if TYPE_CHECKING:  # curation pulls in fastText and numpy; the sensor only lists
     from refinery.curate import CurateResult
 
 PROCESSED = "processed"
+DONE_SUFFIX = ".done"  # ``data.jsonl.done`` marks ``data.jsonl`` complete
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,14 @@ class LandingFile:
     def key(self) -> str:
         """Name, mtime and size: what makes a landed file new data."""
         return f"{self.path.name}:{self.mtime_ns}:{self.size}"
+
+    def complete(self, seen: set[str]) -> bool:
+        """Its ``.done`` marker exists, or it is unchanged since the previous look (``seen`` keys)."""
+        return self.key in seen or done_marker(self.path).exists()
+
+
+def done_marker(path: Path) -> Path:
+    return path.with_name(path.name + DONE_SUFFIX)
 
 
 def pending_files(landing_dir: Path) -> list[LandingFile]:
@@ -81,6 +95,7 @@ def archive(files: list[Path], landing_dir: Path, version: str) -> dict[str, str
     for f in files:
         dest = target / Path(f).name
         os.replace(f, dest)
+        done_marker(Path(f)).unlink(missing_ok=True)  # else a new file of that name would count as complete
         moved[str(f)] = str(dest)
     return moved
 

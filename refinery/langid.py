@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from refinery.config import LangIdConfig, load_profile, resolve_path
+from refinery.records import TEXT_ROLES, joined_text, message_text
 
 TOP_K = 5  # labels read per text; p_en is exact whenever English is among them (so when p_en >= 0.2)
 _LABEL_PREFIX = "__label__"
@@ -58,9 +59,7 @@ def model_path(cfg: LangIdConfig) -> Path:
 def langid_text(messages: Sequence[dict[str, str]], cfg: LangIdConfig) -> str:
     """The slice of a record that is classified: the user turns, or the user and assistant turns
     (system prompts are boilerplate), joined by spaces, cut to max_chars, on one line."""
-    roles = ("user",) if cfg.text == "user" else ("user", "assistant")
-    text = " ".join(m["content"] for m in messages if m["role"] in roles)
-    return clean_for_fasttext(text, cfg.max_chars)
+    return clean_for_fasttext(message_text(messages, TEXT_ROLES[cfg.text], " "), cfg.max_chars)
 
 
 def clean_for_fasttext(text: str, max_chars: int | None = None) -> str:
@@ -126,7 +125,7 @@ class LanguageIdentifier:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from refinery.curate import CLI_INPUT_HELP, config_with_flags, joined_text, read_input, run_cli, write_cli_output
+    from refinery.cli import CLI_INPUT_HELP, config_with_flags, read_input, run_cli, write_cli_output
 
     ap = argparse.ArgumentParser(prog="python -m refinery.langid", description=__doc__.split("\n")[0])
     ap.add_argument("input", type=Path, help=CLI_INPUT_HELP)
@@ -145,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model_path": str(args.model.resolve()) if args.model else None})
         t0 = time.perf_counter()
         table = read_input(args.input)
-        texts = joined_text(table["messages"], ("user",) if cfg.text == "user" else ("user", "assistant"), " ")
+        texts = joined_text(table["messages"], TEXT_ROLES[cfg.text], " ")
         ident = LanguageIdentifier(cfg)
         labels, scores, p_en = ident.classify_arrays(texts)
         english = ident.is_english(p_en)

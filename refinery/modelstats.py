@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.config import Profile, ProfileError
+from refinery.device import Placement
 
 WIKITEXT_FILE = Path("wikitext2_raw") / "wikitext-test.txt"
 
@@ -43,17 +44,21 @@ def heldout_text(profile: Profile) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(model_dir: Path | str, *, dtype: Any = None):
-    """Load a saved folder on CPU with compressed-tensors weights decompressed to dense.
+def load_model(model_dir: Path | str, *, dtype: Any = None, placement: Placement | None = None):
+    """Load a saved folder with compressed-tensors weights decompressed to dense, on
+    ``placement`` (refinery.device.select; default the CPU in float32). ``dtype`` overrides the
+    placement's dtype ("auto": the dtype the folder is stored in).
 
     ``dequantize=True``: a quantized checkpoint is dequantized at load time, so every layer is a
-    plain nn.Linear whose zeros can be counted and which runs on any CPU.
+    plain nn.Linear whose zeros can be counted and which runs on any device.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "device_map": "cpu"}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype or (placement.torch_dtype if placement else torch.float32),
+        "device_map": placement.device if placement else "cpu"}
     if _quantization_config(model_dir):
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
@@ -246,7 +251,7 @@ def generation_sample(model: Any, tokenizer: Any, prompt: str = "What is the cap
 
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -255,8 +260,10 @@ def generation_sample(model: Any, tokenizer: Any, prompt: str = "What is the cap
             "new_tokens": int(new.numel())}
 
 
-def measure_saved_model(model_dir: Path | str, text: str, *, max_tokens: int = 2048) -> dict[str, Any]:
-    """Reload a saved folder with plain transformers on CPU, generate, and measure it.
+def measure_saved_model(model_dir: Path | str, text: str, *, max_tokens: int = 2048,
+                        placement: Placement | None = None) -> dict[str, Any]:
+    """Reload a saved folder with plain transformers (on ``placement``, default CPU), generate, and
+    measure it.
 
     Everything a model stage records about its output, taken from what is on disk (so a
     format that does not reload fails here, inside the stage, not downstream).
@@ -264,7 +271,7 @@ def measure_saved_model(model_dir: Path | str, text: str, *, max_tokens: int = 2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, placement=placement)
     stats = model_stats(model_dir, model=model)
     stats["perplexity"] = perplexity(model, text, tokenizer=tokenizer, max_tokens=max_tokens)
     stats["perplexity_tokens"] = max_tokens
@@ -290,14 +297,18 @@ def _as_config(model_dir_or_config: Any, key_prefix: str):
     return AutoConfig.from_pretrained(model_dir), model_dir
 
 
-def count_parameters(config: Any) -> int:
-    """Parameter count from a config alone (the model is built on the meta device: no memory)."""
+def meta_model(config: Any):
+    """The model a config describes, built on the meta device: shapes without memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(config: Any) -> int:
+    """Parameter count from a config alone (tied weights once)."""
+    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def group_dimensions(config: Any) -> dict[str, int]:
@@ -313,16 +324,13 @@ def group_dimensions(config: Any) -> dict[str, int]:
 
 def validate_model_config(model_dir_or_config: Any, *, group_size: int | None = None,
                           sparsity: float | None = None, key_prefix: str = "awq",
-                          bytes_per_param: float = 4.0, memory_factor: float = 2.5) -> dict[str, Any]:
-    """Check a stage's settings against the model and this machine before any work starts.
+                          bytes_per_param: float = 4.0) -> dict[str, Any]:
+    """Check a stage's settings against the model and this machine's disk before any work starts.
 
-    Raises ConfigError naming the profile key (``<key_prefix>.group_size`` etc.). The disk and
-    memory estimates assume the model is held and saved in fp32 (``bytes_per_param``), with
-    ``memory_factor`` times that for calibration activations, Hessians and the saved copy.
-    Returns the numbers it checked.
+    Raises ConfigError naming the profile key (``<key_prefix>.group_size`` etc.). The disk
+    estimate assumes the model is saved in fp32 (``bytes_per_param``). Memory is
+    refinery.memory_plan's check, per device. Returns the numbers it checked.
     """
-    import psutil
-
     config, model_dir = _as_config(model_dir_or_config, key_prefix)
     checked: dict[str, Any] = {}
     if sparsity is not None and not 0 < sparsity < 1:
@@ -340,19 +348,13 @@ def validate_model_config(model_dir_or_config: Any, *, group_size: int | None = 
 
     params = count_parameters(config)
     need_disk = int(params * bytes_per_param)
-    need_memory = int(params * bytes_per_param * memory_factor)
-    checked.update(parameters=params, need_disk_bytes=need_disk, need_memory_bytes=need_memory)
+    checked.update(parameters=params, need_disk_bytes=need_disk)
     if model_dir is not None:
         free_disk = shutil.disk_usage(model_dir).free
         if free_disk < need_disk:
             raise ConfigError(f"{key_prefix}: {params / 1e9:.2f}B parameters need about "
                               f"{need_disk / 2**30:.1f} GiB of disk, {free_disk / 2**30:.1f} GiB free "
                               f"under {model_dir}")
-    available = psutil.virtual_memory().available
-    if available < need_memory:
-        raise ConfigError(f"{key_prefix}: {params / 1e9:.2f}B parameters need about "
-                          f"{need_memory / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB "
-                          f"available; use a smaller model or a machine with more memory")
     return checked
 
 
@@ -360,8 +362,9 @@ def validate_model_config(model_dir_or_config: Any, *, group_size: int | None = 
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process and of its finished children, the larger (Linux: KiB)."""
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 class Timer:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from refinery import device, memory_plan
 from refinery.artifacts import Artifact, load_artifact, staged_artifact
 from refinery.calibration import calibration_dataset
 from refinery.config import PruneConfig, Profile
@@ -53,7 +54,7 @@ def run_oneshot(model: Any, tokenizer: Any, dataset: Any, modifiers: list[Any]) 
 
 
 def storage_dtype(model_dir: Path) -> str:
-    """The dtype a folder's weights are stored in (the stages compute in float32, save in this)."""
+    """The dtype a folder's weights are stored in (the stages compute in compute.dtype, save in this)."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
@@ -83,16 +84,19 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
     from transformers import AutoTokenizer
 
     cfg = profile.prune
+    placement = device.select(profile)
     model_in, kept = input_paths(inputs, "qlora_model")
     checked = validate_model_config(model_in, sparsity=cfg.sparsity, key_prefix="prune")
+    plan = memory_plan.check(STAGE, profile, placement, model_dir=model_in, log=log)
     modifiers = recipe(cfg)
     text = heldout_text(profile)
     tokens = profile.eval.perplexity_tokens
 
     with Timer() as total:
         tokenizer = AutoTokenizer.from_pretrained(model_in)
-        model = load_model(model_in)  # float32: what later stages and the evaluation load
-        ppl_before = perplexity(model, text, tokenizer=tokenizer, max_tokens=tokens)
+        model = load_model(model_in, placement=placement)  # fp32 on the CPU, bf16 on a GPU
+        ppl_before = input_perplexity(inputs["qlora_model"], tokens) or perplexity(model, text, tokenizer=tokenizer,
+                                                                              max_tokens=tokens)
         log(f"pruned_model: perplexity before pruning {ppl_before:.2f} over {tokens} tokens")
         dataset, calib = calibration_dataset(
             kept, tokenizer, samples=cfg.calibration_samples, seq_len=cfg.calibration_seq_len,
@@ -112,7 +116,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
                             compressed=cfg.save_compressed)
             del model
             shutil.copy(out / "recipe.yaml", st.path / "recipe.yaml")
-            after = measure_saved_model(out, text, max_tokens=tokens)
+            after = measure_saved_model(out, text, max_tokens=tokens, placement=placement)
             log(f"pruned_model: sparsity {after['sparsity']:.4f}, perplexity {after['perplexity']:.2f}, "
                 f"sample {after['generation']['completion']!r}")
             (st.path / "sparsity.json").write_text(json.dumps({
@@ -123,9 +127,16 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
                                             seconds=total.seconds, compress_seconds=compress.seconds))
             st.metrics.update(target_sparsity=cfg.sparsity, calibration_samples=calib["samples"],
                               calibration_tokens=calib["tokens"], config=config,
-                              checked=checked)
+                              checked=checked, compute=device.metadata(placement),
+                              memory_plan=plan.metadata())
     log(f"pruned_model: done in {total.seconds:.1f} s")
     return load_artifact(st.path)
+
+
+def input_perplexity(artifact: Artifact, tokens: int) -> float | None:
+    """The perplexity the input's own stage measured on the same text and tokens (not measured twice)."""
+    m = artifact.manifest.get("metrics", {})
+    return m.get("perplexity") if m.get("perplexity_tokens") == tokens else None
 
 
 def stage_metrics(after: dict[str, Any], model_in: Path, model_out: Path, *, ppl_before: float,

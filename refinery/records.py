@@ -14,7 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROLES = ("system", "user", "assistant")
@@ -65,13 +67,42 @@ def record_id(messages: Sequence[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def conversation_text(messages: Sequence[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages)
+# Which turns a text is made of. System turns are left out of the language-ID and dedup texts:
+# they are shared boilerplate (OpenOrca repeats a handful of system prompts), which would make
+# unrelated records look alike and say nothing about the record's language.
+TEXT_ROLES: dict[str, tuple[str, ...]] = {
+    "all": ROLES, "conversation": ("user", "assistant"), "user": ("user",), "prompt": ("user",),
+}
 
 
-def prompt_text(messages: Sequence[dict[str, str]]) -> str:
-    """The text a user wrote (system and user turns), without the answers."""
-    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+def message_text(messages: Sequence[dict[str, str]] | None, roles: Sequence[str] = ROLES, sep: str = "\n") -> str:
+    """The contents of the turns whose role is in ``roles``, joined with ``sep``: the one definition
+    of a record's text (``joined_text`` is the same over an Arrow column)."""
+    return sep.join(m.get("content") or "" for m in messages or [] if m["role"] in roles)
+
+
+def conversation_text(messages: Sequence[dict[str, str]] | None) -> str:
+    """Every turn, system included, one per line (decontamination and the demo corpus's Jaccard)."""
+    return message_text(messages)
+
+
+def joined_text(messages: pa.ChunkedArray | pa.Array, roles: Sequence[str], sep: str,
+                max_chars: int | None = None) -> list[str]:
+    """``message_text`` of every record of a MESSAGE_TYPE column, cut to ``max_chars``, with Arrow
+    kernels (no Python dict per message)."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    n = len(messages)
+    flat = pc.list_flatten(messages)
+    parents = pc.list_parent_indices(messages).to_numpy()
+    keep = pc.is_in(flat.field("role"), pa.array(list(roles))).to_numpy(zero_copy_only=False)
+    contents = pc.fill_null(flat.field("content").filter(pa.array(keep)), "")
+    counts = np.bincount(parents[keep], minlength=n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    joined = pc.fill_null(pc.binary_join(pa.ListArray.from_arrays(offsets, contents), sep), "")
+    if max_chars is not None:
+        joined = pc.utf8_slice_codeunits(joined, 0, max_chars)
+    return joined.to_pylist()
 
 
 def write_table(path: Path, rows: Iterable[dict[str, Any]] | pa.Table, schema: pa.Schema) -> int:

@@ -1,18 +1,23 @@
 """The gated release: what must hold before a model ships, and the bundle that ships.
 
-The gates read the benchmark_report (refinery's own measurements) and the files themselves:
+Every gate reads the benchmark_report, whose thresholds were recorded when it ran (``gates`` in
+report.json), never the profile as it is at release time; every gate compares interval bounds, not
+point estimates, and each one can fail:
 
-- retention: recovered_model keeps at least ``eval.tasks[t].min_retention`` of qlora_model's
-  score on every task that sets one (point estimate; the interval is shown next to it);
-- the release GGUF loads and generates in llama.cpp;
-- the .gguf.zst decompresses to exactly the .gguf its manifest names (SHA-256);
-- the .gguf.zst is at most ``release.max_bytes``;
-- no training record shares an n-gram with an evaluation set.
+- fidelity: the shipped GGUF's mean KL divergence from qlora_model, upper bound <= ``gates.max_kld``
+  (and its 99th percentile and top-1 agreement when set);
+- Pareto: no plain llama.cpp quantization of qlora_model at no more .zst bytes has a lower mean KL
+  divergence with the intervals apart;
+- retention: on every task whose dense baseline scores above chance, the shipped model keeps at
+  least ``min_retention`` of it (lower bound of the paired-bootstrap interval);
+- the release GGUF loads and generates in llama.cpp; the .gguf.zst decompresses to exactly the
+  .gguf its manifest names (SHA-256); the .gguf.zst is at most ``release.max_bytes``; no training
+  record shares an n-gram with an evaluation set.
 
 Dagster runs each gate as a blocking asset check on benchmark_report; ``build`` runs them all
 again and refuses to publish when one fails, so the bundle cannot be made around the checks.
 The bundle: model.gguf.zst, a Hugging Face model card (README.md), an Ollama Modelfile, the
-training and compression recipes, the raw lm-eval results, SHA256SUMS and the manifest.
+training and compression recipes, the report and raw lm-eval results, SHA256SUMS and the manifest.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ import yaml
 
 from refinery.artifacts import Artifact, load_artifact, sha256_file, staged_artifact
 from refinery.config import Profile
-from refinery.evaluate import BASELINE, RELEASE_STAGE, load_report
+from refinery.evaluate import load_report, pareto
+from refinery.stages import BASELINE, SHIPPED, STAGES
 
 STAGE = "release"
-RECIPE_STAGES = ("qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model")
 
 
 class ReleaseBlocked(RuntimeError):
@@ -44,31 +49,75 @@ class GateResult:
     name: str
     passed: bool
     metadata: dict[str, Any] = field(default_factory=dict)
+    why: str = ""  # one sentence a person reads when the gate blocks
 
 
-def check_retention(report: dict[str, Any], profile: Profile) -> GateResult:
-    """recovered_model's retention vs qlora_model meets every task's min_retention."""
-    rows, passed = [], True
-    for task, cfg in profile.eval.tasks.items():
-        if cfg.min_retention is None:
+def _shipped(report: dict[str, Any]) -> dict[str, Any]:
+    return next(m for m in report["models"] if m["label"] == report["shipped"])
+
+
+def check_fidelity(report: dict[str, Any]) -> GateResult:
+    """The shipped GGUF stays close to qlora_model: KLD (and p99, top-1 when set) by interval bounds."""
+    g, f = report["gates"], _shipped(report)["fidelity"]
+    rows = [{"metric": "kld_mean (upper bound)", "measured": f["kld_mean"]["ci_high"], "threshold": g["max_kld"],
+             "passed": f["kld_mean"]["ci_high"] <= g["max_kld"]}]
+    if g.get("max_kld_p99") is not None:
+        rows.append({"metric": "kld_p99 (upper bound)", "measured": f["kld_p99"]["ci_high"],
+                     "threshold": g["max_kld_p99"], "passed": f["kld_p99"]["ci_high"] <= g["max_kld_p99"]})
+    if g.get("min_top1_agreement") is not None:
+        rows.append({"metric": "top1_agreement (lower bound)", "measured": f["top1_agreement"]["ci_low"],
+                     "threshold": g["min_top1_agreement"],
+                     "passed": f["top1_agreement"]["ci_low"] >= g["min_top1_agreement"]})
+    bad = [r for r in rows if not r["passed"]]
+    why = "; ".join(f"{r['metric']} is {r['measured']:.4f} against a limit of {r['threshold']}" for r in bad)
+    return GateResult("fidelity_within_limits", not bad, {"model": report["shipped"], "limits": rows},
+                      f"the shipped file is too far from {BASELINE}: {why}" if bad else "")
+
+
+def check_pareto(report: dict[str, Any]) -> GateResult:
+    """No plain llama.cpp quantization at no more .zst bytes is closer to qlora_model (intervals apart)."""
+    if not report["gates"]["pareto"]:
+        return GateResult("not_beaten_by_plain_quantization", True, {"note": "gates.pareto is off"})
+    p = pareto(report["models"])  # recomputed from the measurements, not read from the summary
+    shipped = _shipped(report)
+    why = ""
+    if p["dominated_by"]:
+        by = next(m for m in report["models"] if m["label"] == p["dominated_by"][0])
+        why = (f"{by['label']} ({by['zst_bytes']:,} bytes packed) has a mean KLD of "
+               f"{by['fidelity']['kld_mean']['ci_high']:.4f} or less, below the shipped file's "
+               f"{shipped['fidelity']['kld_mean']['ci_low']:.4f} or more at {shipped['zst_bytes']:,} bytes: "
+               "a plain llama.cpp quantization is smaller and better")
+    return GateResult("not_beaten_by_plain_quantization", not p["dominated_by"],
+                      {"dominated_by": ", ".join(p["dominated_by"]) or "none",
+                       "best_plain_at_size": p["best_plain_at_size"] or "none", "summary": p["sentence"]}, why)
+
+
+def check_retention(report: dict[str, Any]) -> GateResult:
+    """The shipped model keeps min_retention of qlora_model's score on every gated task (lower bound)."""
+    rows, failed = [], []
+    for task, info in report["tasks"].items():
+        threshold = report["gates"]["min_retention"].get(task)
+        if threshold is None:
+            rows.append({"task": task, "threshold": info.get("min_retention"), "passed": True,
+                         "note": info.get("why_not_gated", "no threshold")})
             continue
-        r = report["retention"].get(RELEASE_STAGE, {}).get(task)
-        value = None if r is None else r.get("value")
-        # a threshold of 0 asks for nothing: met even when retention is undefined (baseline scored 0)
-        ok = cfg.min_retention <= 0 or (value is not None and value >= cfg.min_retention)
-        passed &= ok
-        rows.append({"task": task, "threshold": cfg.min_retention, "retention": value,
-                     "ci_low": None if r is None else r.get("ci_low"), "ci_high": None if r is None else r.get("ci_high"),
-                     "passed": ok, "note": "not scored" if r is None else r.get("note", "")})
-    return GateResult("retention_meets_thresholds", passed,
-                      {"stage": RELEASE_STAGE, "baseline": BASELINE, "tasks": rows})
+        r = report["retention"].get(SHIPPED, {}).get(task) or {}
+        low = r.get("ci_low")
+        ok = low is not None and low >= threshold
+        rows.append({"task": task, "threshold": threshold, "retention": r.get("value"), "ci_low": low,
+                     "ci_high": r.get("ci_high"), "passed": ok, "note": r.get("note", "")})
+        if not ok:
+            failed.append(f"{task} keeps {r.get('value')} of {BASELINE}'s score (lower bound {low}), below {threshold}")
+    return GateResult("retention_meets_thresholds", not failed, {"stage": SHIPPED, "baseline": BASELINE,
+                                                                 "tasks": rows}, "; ".join(failed))
 
 
 def check_llamacpp(report: dict[str, Any]) -> GateResult:
     """The release GGUF loads and generates in llama.cpp (measured by the report)."""
     rc = report["release_candidate"]
     return GateResult("gguf_loads_in_llamacpp", bool(rc["llama_cpp_loads"]),
-                      {"gguf": rc["gguf"], "error": rc.get("llama_cpp_error") or ""})
+                      {"gguf": rc["gguf"], "error": rc.get("llama_cpp_error") or ""},
+                      f"llama.cpp could not load and run {rc['gguf']}: {rc.get('llama_cpp_error')}")
 
 
 def check_zstd_roundtrip(report: dict[str, Any]) -> GateResult:
@@ -79,36 +128,54 @@ def check_zstd_roundtrip(report: dict[str, Any]) -> GateResult:
     zst, expected = Path(rc["gguf_zst"]), rc.get("gguf_sha256")
     meta: dict[str, Any] = {"gguf_zst": str(zst), "expected_sha256": expected}
     if not zst.exists() or not expected:
-        return GateResult("zstd_roundtrip_verifies", False, {**meta, "error": "file or checksum missing"})
+        return GateResult("zstd_roundtrip_verifies", False, {**meta, "error": "file or checksum missing"},
+                          f"{zst} or its checksum is missing")
     h, size = hashlib.sha256(), 0
-    with open(zst, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
-        for block in iter(lambda: reader.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
+    try:
+        with open(zst, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+            for block in iter(lambda: reader.read(1 << 20), b""):
+                h.update(block)
+                size += len(block)
+    except zstandard.ZstdError as exc:
+        return GateResult("zstd_roundtrip_verifies", False, {**meta, "error": str(exc)}, f"{zst} does not decompress: {exc}")
     meta.update(decompressed_sha256=h.hexdigest(), decompressed_bytes=size)
     zst_ok = rc.get("gguf_zst_sha256") is None or sha256_file(zst) == rc["gguf_zst_sha256"]
     meta["zst_matches_manifest"] = zst_ok
-    return GateResult("zstd_roundtrip_verifies", zst_ok and h.hexdigest() == expected, meta)
+    ok = zst_ok and h.hexdigest() == expected
+    return GateResult("zstd_roundtrip_verifies", ok, meta,
+                      "" if ok else f"{zst} does not decompress to the model.gguf its manifest names")
 
 
-def check_size(report: dict[str, Any], profile: Profile) -> GateResult:
-    """The .gguf.zst fits in release.max_bytes."""
-    size = report["release_candidate"].get("gguf_zst_bytes")
-    return GateResult("release_size_within_limit", size is not None and size <= profile.release.max_bytes,
-                      {"gguf_zst_bytes": size, "max_bytes": profile.release.max_bytes})
+def check_size(report: dict[str, Any]) -> GateResult:
+    """The .gguf.zst fits in release.max_bytes (as recorded by the report)."""
+    size, limit = report["release_candidate"].get("gguf_zst_bytes"), report["gates"]["max_bytes"]
+    ok = size is not None and size <= limit
+    return GateResult("release_size_within_limit", ok, {"gguf_zst_bytes": size, "max_bytes": limit},
+                      "" if ok else f"model.gguf.zst is {size} bytes, over the limit of {limit:,}")
 
 
 def check_decontamination(report: dict[str, Any]) -> GateResult:
     """No kept training record shares an n-gram with an evaluation set."""
     d = report["decontamination"]
-    return GateResult("decontamination_clean", bool(d.get("checked")) and bool(d.get("passed")),
-                      {k: d.get(k) for k in ("ngram", "removed", "remaining", "deduped_corpus", "note")
-                       if k in d})
+    ok = bool(d.get("checked")) and bool(d.get("passed"))
+    return GateResult("decontamination_clean", ok,
+                      {k: d.get(k) for k in ("ngram", "removed", "remaining", "deduped_corpus", "note") if k in d},
+                      "" if ok else f"{d.get('remaining', '?')} training records share an n-gram with a test set "
+                                    f"({d.get('note', 'see the report')})")
 
 
-def gates(report: dict[str, Any], profile: Profile) -> list[GateResult]:
-    return [check_retention(report, profile), check_llamacpp(report), check_zstd_roundtrip(report),
-            check_size(report, profile), check_decontamination(report)]
+GATES = (check_fidelity, check_pareto, check_retention, check_llamacpp, check_zstd_roundtrip, check_size,
+         check_decontamination)
+
+
+def gates(report: dict[str, Any]) -> list[GateResult]:
+    return [gate(report) for gate in GATES]
+
+
+def blocked_paragraph(failed: list[GateResult]) -> str:
+    """What a person reads when the release is blocked: which gates, and why, in sentences."""
+    return ("The release was not made. " + " ".join(f"Gate {g.name}: {g.why}." for g in failed)
+            + " The report (benchmark_report's report.md) has every measurement behind this.")
 
 
 # --------------------------------------------------------------------------- bundle contents
@@ -183,7 +250,27 @@ def _score(s: dict[str, Any] | None) -> str:
     return f"{s['value']:.3f}{err}"
 
 
-def model_card(report: dict[str, Any], profile: Profile, recipes: list[str], gate_results: list[GateResult]) -> str:
+def _cell(v: dict[str, Any], digits: int = 4) -> str:
+    return f"{v['value']:.{digits}f} [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
+
+
+def _recipe_sentence(upstream: dict[str, Artifact], profile: Profile) -> str:
+    """How the shipped file was made, from the configs its artifacts recorded (not today's profile)."""
+    def cfg(stage: str, key: str) -> dict[str, Any]:
+        return upstream[stage].manifest.get("config", {}).get(key, {}) if stage in upstream else {}
+
+    train, prune, awq = cfg("qlora_model", "train"), cfg("pruned_model", "prune"), cfg("awq_model", "awq")
+    rec, gguf = cfg(SHIPPED, "recovery"), upstream[SHIPPED].manifest.get("metrics", {}).get("gguf", {}) \
+        if SHIPPED in upstream else {}
+    return (f"{profile.base_model.name} fine-tuned with QLoRA (rank {train.get('lora_r', '?')}) on an English instruction "
+            f"corpus, pruned to {prune.get('sparsity', 0):.0%} sparsity ({prune.get('method', '?')}), quantized with AWQ "
+            f"({awq.get('scheme', '?')}, groups of {awq.get('group_size', '?')}), written to GGUF as "
+            f"{gguf.get('gguf_type', '?')} with that 4-bit grid carried over, recovered by distillation "
+            f"({rec.get('steps', '?')} steps at most), and packed with zstd; made by refinery.")
+
+
+def model_card(report: dict[str, Any], profile: Profile, recipes: list[str], gate_results: list[GateResult],
+               upstream: dict[str, Artifact]) -> str:
     license_, base_id = _BASE_LICENSES.get(profile.base_model.kind, ("other", profile.base_model.path))
     if "llama-3.1" in profile.base_model.name.lower():
         license_ = "llama3.1"
@@ -197,19 +284,42 @@ def model_card(report: dict[str, Any], profile: Profile, recipes: list[str], gat
     if base_id:
         front["base_model"] = base_id
     models = {m["label"]: m for m in report["models"]}
-    released, base = models.get(f"{RELEASE_STAGE}.gguf") or models[RELEASE_STAGE], models[BASELINE]
+    shipped, base = models[report["shipped"]], models[BASELINE]
     rc = report["release_candidate"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {profile.release.name}", "",
-             f"{profile.base_model.name} fine-tuned with QLoRA (rank {profile.train.lora_r}) on an English "
-             f"instruction corpus, pruned to {profile.prune.sparsity:.0%} sparsity ({profile.prune.method}, "
-             f"{profile.prune.mask_structure}), quantized with AWQ ({profile.awq.scheme}, group "
-             f"{profile.awq.group_size}), converted to GGUF ({profile.gguf.type}) and recovered "
-             f"({profile.recovery.method}), made by refinery. Scores below are refinery's own measurements, "
-             f"against its own dense fine-tuned baseline (`{BASELINE}`), on the same items for every model.", "",
+             f"# {profile.release.name}", "", _recipe_sentence(upstream, profile), "",
+             f"Every number below is refinery's own measurement against its own dense fine-tuned baseline "
+             f"(`{BASELINE}`); nothing is compared with models refinery did not run.", "",
              f"File: `model.gguf.zst` ({rc['gguf_zst_bytes']:,} bytes; `zstd -d model.gguf.zst`, then "
              "`ollama create NAME -f Modelfile` or `llama-cli -m model.gguf`).", "",
-             "## Training data", "", "| source | where | licence |", "|---|---|---|"]
+             "## How close it stays to the dense model", "", report["pareto"]["sentence"], "",
+             "| model | .zst bytes | mean KLD [95% CI] | top-1 agreement | perplexity |", "|---|---|---|---|---|"]
+    plain = [m for m in report["models"] if m["role"] == "baseline"]
+    for m in [shipped, *sorted(plain, key=lambda m: m["zst_bytes"])]:
+        f = m["fidelity"]
+        lines.append(f"| {m['label']}{' (this file)' if m is shipped else ''} | {m['zst_bytes']:,} | "
+                     f"{_cell(f['kld_mean'])} | {_cell(f['top1_agreement'], 3)} | {_cell(f['perplexity'], 2)} |")
+    ts = report["token_set"]
+    lines += ["", f"KL divergence from `{BASELINE}`'s next-token distributions over {ts['predictions']:,} held-out "
+                  f"tokens ({', '.join(f'{n} chunks of {k}' for k, n in ts['sources'].items())}), every model run in "
+                  "llama.cpp; the other rows are llama.cpp's own quantizer on the same dense model.", ""]
+    if report["tasks"]:
+        lines += ["## Tasks (value ± standard error)", "",
+                  f"| task | metric | items | chance | base_model | {BASELINE} | this file | retention [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for task, info in report["tasks"].items():
+            r = report["retention"].get(report["shipped"], {}).get(task) or {}
+            ret = "n/a" if r.get("value") is None else _cell(r, 3)
+            lines.append(f"| {task} | {info['metric'].split(',')[0]} | {info['items'] or 'all'} | {info['chance']:g} | "
+                         f"{_score(models.get('base_model', {}).get('scores', {}).get(task))} | "
+                         f"{_score(base['scores'].get(task))} | {_score(shipped['scores'].get(task))} | {ret} |")
+        if report["humaneval"]["requested"] and not report["humaneval"]["executed"]:
+            lines.append("| humaneval | pass@1 | - | - | not executed | not executed | not executed | - |")
+        for task, info in report["tasks"].items():
+            if info.get("why_not_gated"):
+                lines.append(f"\n{task} carries no retention gate: {info['why_not_gated']}.")
+        lines.append("")
+    lines += ["## Training data", "", "| source | where | licence |", "|---|---|---|"]
     lines += [f"| {s['name']} | {s['where']} | {s['license']} |" for s in sources]
     if any("nc" in s["license"].lower().split("-") for s in sources):
         lines += ["", "Some sources are licensed for non-commercial use only; so is what is derived from them."]
@@ -217,36 +327,27 @@ def model_card(report: dict[str, Any], profile: Profile, recipes: list[str], gat
     if d.get("checked"):
         lines += ["", f"Decontamination: {d['ngram']}-gram overlap with the evaluation sets removed "
                       f"{d['removed']} training records; {d['remaining']} remain."]
-    lines += ["", "## Recipes", "", "Included in `recipes/`: " + ", ".join(f"`{r}`" for r in recipes) + ".",
-              "", "## Evaluation (value ± standard error)", "",
-              "| task | metric | items | " + f"{BASELINE} | {released['label']} | retention [95% CI] |",
-              "|---|---|---|---|---|---|"]
-    for task, info in report["tasks"].items():
-        r = (report["retention"].get(released["label"]) or report["retention"].get(RELEASE_STAGE, {})).get(task) or {}
-        ret = "n/a" if r.get("value") is None else (
-            f"{r['value']:.3f}" + ("" if r.get("ci_low") is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"))
-        lines.append(f"| {task} | {info['metric'].split(',')[0]} | {info['items'] or 'all'} | "
-                     f"{_score(base['scores'].get(task))} | {_score(released['scores'].get(task))} | {ret} |")
-    if report["humaneval"]["requested"] and not report["humaneval"]["executed"]:
-        lines.append("| humaneval | pass@1 | - | not executed | not executed | - |")
-    lines += ["", f"Retention: {report['retention_method']}. The release gate applies the thresholds to "
-                  f"`{RELEASE_STAGE}` (its Hugging Face weights); the table shows `{released['label']}`, the file shipped. "
-                  f"Sizes: {released['label']} {released['bytes']:,} bytes, {released['bits_per_weight']:.2f} "
-                  f"bits per weight; {BASELINE} {base['bytes']:,} bytes."]
-    if released.get("tokens_per_second") is not None:
-        lines.append(f"llama.cpp CPU speed: {released['tokens_per_second']:.1f} tokens/s.")
-    lines += ["", "Release gates (all passed): " + ", ".join(g.name for g in gate_results) + ".",
-              "", "## Known limits", ""]
+    lines += ["", "## Recipes", "", "Included in `recipes/`: " + ", ".join(f"`{r}`" for r in recipes) + ".", "",
+              "## Release gates", "", "| gate | passed | what it read |", "|---|---|---|"]
+    for g in gate_results:
+        lines.append(f"| {g.name} | {'yes' if g.passed else '**no**'} | "
+                     f"{json.dumps(g.metadata, default=str)[:160].replace('|', '/')} |")
+    if shipped.get("tokens_per_second") is not None:
+        lines += ["", f"llama.cpp CPU speed where it was measured: {shipped['tokens_per_second']:.1f} tokens/s generated."]
+    lines += ["", "## Known limits", ""]
+    kld = shipped["fidelity"]["kld_mean"]
+    if kld["ci_low"] > 0:
+        lines.append(f"- It is not the dense model: mean KL divergence {kld['value']:.4f} from `{BASELINE}` "
+                     f"(top-1 agreement {shipped['fidelity']['top1_agreement']['value']:.1%}).")
     small = [t for t, i in report["tasks"].items() if i["items"] is not None and i["items"] < 500]
     if small:
         sizes = ", ".join(f"{t}: {report['tasks'][t]['items']} items" for t in small)
-        lines.append(f"- Scored on subsets ({sizes}): intervals are wide; differences inside them are not evidence.")
-    for task, r in report["retention"].get(RELEASE_STAGE, {}).items():
+        lines.append(f"- Tasks scored on subsets ({sizes}): intervals are wide; differences inside them are not evidence.")
+    for task, r in report["retention"].get(report["shipped"], {}).items():
         if r.get("ci_high") is not None and r["ci_high"] < 1:
             lines.append(f"- {task}: measurably worse than the dense baseline (retention interval below 1).")
     lines += ["- English only: the training data was filtered to English.",
-              "- Small model: expect factual errors and weak reasoning; not for decisions of consequence.",
-              "- Only the benchmarks above were run; nothing here compares it to models refinery did not run."]
+              "- Small model: expect factual errors and weak reasoning; not for decisions of consequence."]
     return "\n".join(lines) + "\n"
 
 
@@ -259,40 +360,44 @@ def _inputs_of(report_art: Artifact) -> dict[str, Artifact]:
 
 
 def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Callable[[str], Any] = print) -> Artifact:
-    """Check every gate again and, when all pass, publish the release bundle."""
+    """Check every gate again (from the report's recorded thresholds) and, when all pass, publish
+    the release bundle. Its version is the report's: one report, one release."""
     report_art = inputs["benchmark_report"]
     report = load_report(report_art.path)
-    results = gates(report, profile)
+    results = gates(report)
     failed = [g for g in results if not g.passed]
     if failed:
-        raise ReleaseBlocked("release blocked by: " + "; ".join(
-            f"{g.name} ({json.dumps(g.metadata, default=str)[:300]})" for g in failed))
+        raise ReleaseBlocked(blocked_paragraph(failed))
     upstream = _inputs_of(report_art)
     rc = report["release_candidate"]
+    recipe_stages = [s.name for s in STAGES if s.produces != "none"]
     with staged_artifact(STAGE, config={"release": profile.release.model_dump(), "profile": profile.name},
-                         inputs={"benchmark_report": report_art.ref()}, home=home) as st:
+                         inputs={"benchmark_report": report_art.ref()}, home=home,
+                         version=report_art.version) as st:
         log(f"release: copying {rc['gguf_zst']}")
         shutil.copyfile(rc["gguf_zst"], st.path / "model.gguf.zst")
         recipes = []
         (st.path / "recipes").mkdir()
-        for stage in RECIPE_STAGES:
+        for stage in recipe_stages:
             if stage not in upstream:
                 continue
             for f in sorted(upstream[stage].path.glob("*.yaml")) + sorted(upstream[stage].path.glob("*.yml")):
                 name = f"{stage}.{f.name}"
                 shutil.copyfile(f, st.path / "recipes" / name)
                 recipes.append(name)
-        shutil.copytree(report_art.path / "lm_eval", st.path / "lm_eval")
-        for name in ("report.json", "report.md"):
-            shutil.copyfile(report_art.path / name, st.path / name)
-        model_dir = upstream[RELEASE_STAGE].path / "model" if RELEASE_STAGE in upstream else None
+        if (report_art.path / "lm_eval").is_dir():
+            shutil.copytree(report_art.path / "lm_eval", st.path / "lm_eval")
+        for name in ("report.json", "report.md", "pareto.png"):
+            if (report_art.path / name).exists():
+                shutil.copyfile(report_art.path / name, st.path / name)
+        model_dir = upstream[SHIPPED].path / "model" if SHIPPED in upstream else None
         template = chat_template(model_dir) if model_dir else None
         eos = None
         if model_dir and (model_dir / "tokenizer_config.json").exists():
             eos = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
             eos = eos.get("content") if isinstance(eos, dict) else eos
         (st.path / "Modelfile").write_text(modelfile(template, eos), encoding="utf-8")
-        (st.path / "README.md").write_text(model_card(report, profile, recipes, results), encoding="utf-8")
+        (st.path / "README.md").write_text(model_card(report, profile, recipes, results, upstream), encoding="utf-8")
         sums = [f"{sha256_file(p)}  {p.relative_to(st.path)}" for p in sorted(st.path.rglob("*")) if p.is_file()]
         (st.path / "SHA256SUMS").write_text("\n".join(sums) + "\n", encoding="utf-8")
         st.metrics.update({"gguf_zst_bytes": (st.path / "model.gguf.zst").stat().st_size,

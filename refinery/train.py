@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,18 +27,19 @@ from typing import Any, Callable
 
 import yaml
 
-from refinery import gpu_estimate
+from refinery import device, gpu_estimate, memory_plan
 from refinery.artifacts import Artifact, load_artifact, staged_artifact
 from refinery.bnb_cpu import PLUGIN as BNB_CPU_PLUGIN
 from refinery.config import PROJECT_ROOT, Profile, TrainConfig
+from refinery.environment import stage_environment
+from refinery.progress import Progress
+from refinery.modelstats import ConfigError, peak_rss_bytes
 from refinery.records import read_table
 
 STAGE = "qlora_model"
 TRAINER_PLUGIN = "refinery.train.TrainerPlugin"
 RUN_LOG = "train_runs.jsonl"  # one line per axolotl run: the step it started and ended at
 HISTORY = "log_history.json"  # the trainer's full log history, written when training ends
-OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}
 
 
 # --------------------------------------------------------------------------- data
@@ -86,12 +86,6 @@ def token_lengths(jsonl: Path, tokenizer_dir: Path) -> list[int]:
 # --------------------------------------------------------------------------- axolotl config
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def pad_token_for(tokenizer_dir: Path) -> str:
     """The tokenizer's pad token, else its unk/eos token (padding is masked out of the loss)."""
     from transformers import AutoTokenizer
@@ -104,8 +98,16 @@ def pad_token_for(tokenizer_dir: Path) -> str:
 
 
 def axolotl_config(cfg: TrainConfig, *, base_model: Path, train_file: Path, val_file: Path,
-                   output_dir: Path, pad_token: str, gpu: bool) -> dict[str, Any]:
-    """The axolotl YAML (as a dict) for ``cfg``: NF4 + double quantization, LoRA, early stopping."""
+                   output_dir: Path, pad_token: str, placement: device.Placement,
+                   decoder_layer: str = "LlamaDecoderLayer", flash_attention: bool = False) -> dict[str, Any]:
+    """The axolotl YAML (as a dict) for ``cfg`` on ``placement``: NF4 + double quantization, LoRA,
+    early stopping; on GPUs bf16/fp16 from compute.dtype, the fused LoRA kernels, flash attention
+    when the trainer has it, and with ``train.distributed`` DeepSpeed ZeRO or FSDP2
+    (``decoder_layer``: the class FSDP wraps)."""
+    gpu = placement.device == "cuda"
+    if cfg.distributed != "none" and not gpu:
+        raise ConfigError(f"train.distributed: {cfg.distributed} needs GPUs, and this stage runs on "
+                          f"the CPU ({placement.name}); set train.distributed: none or compute.device: cuda")
     dataset = {"ds_type": "json", "type": "chat_template", "field_messages": "messages",
                "roles_to_train": ["assistant"]}
     config: dict[str, Any] = {
@@ -141,8 +143,9 @@ def axolotl_config(cfg: TrainConfig, *, base_model: Path, train_file: Path, val_
         "auto_resume_from_checkpoints": True,
         "include_tokens_per_second": True,  # logs num_input_tokens_seen per step
         "seed": cfg.seed,
-        "bf16": cfg.bf16,
-        "fp16": False,
+        # axolotl on the CPU trains in fp32: transformers refuses bf16 there (docs/training.md)
+        "bf16": gpu and placement.dtype == "bfloat16",
+        "fp16": gpu and placement.dtype == "float16",
         "tf32": False,
         "plugins": [BNB_CPU_PLUGIN, TRAINER_PLUGIN],
     }
@@ -156,8 +159,49 @@ def axolotl_config(cfg: TrainConfig, *, base_model: Path, train_file: Path, val_
                       lora_embedding_kernel=False, flash_attention=False,
                       dataloader_pin_memory=False, dataloader_num_workers=0)
     else:
-        config.update(gradient_checkpointing=True)
+        config.update(gradient_checkpointing=True, lora_mlp_kernel=True, lora_qkv_kernel=True,
+                      lora_o_kernel=True)
+        if flash_attention:  # axolotl: packing through sdpa in bf16 may give 0.0 loss before Hopper
+            config["attn_implementation"] = "flash_attention_2"
+        config.update(distributed_config(cfg.distributed, decoder_layer))
     return config
+
+
+def distributed_config(kind: str, decoder_layer: str) -> dict[str, Any]:
+    """The axolotl keys of a multi-GPU run (one process per GPU, docs/cluster.md); {} for one GPU.
+
+    DeepSpeed's config is given inline (axolotl takes a dict), with "auto" where the HF Trainer
+    fills in batch sizes and precision. FSDP is version 2: axolotl's LoRA kernels refuse FSDP1.
+    """
+    if kind == "none":
+        return {}
+    if kind in ("deepspeed_zero2", "deepspeed_zero3"):
+        stage = 2 if kind == "deepspeed_zero2" else 3
+        zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+        if stage == 3:
+            zero["gather_16bit_weights_on_model_save"] = True  # a whole adapter, not shards
+        out: dict[str, Any] = {"deepspeed": {
+            "zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}}
+        if stage == 3:  # axolotl: QLoRA + ZeRO-3 needs re-entrant checkpointing
+            out["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
+        return out
+    return {"fsdp_version": 2, "fsdp_config": {
+        # axolotl refuses rank-0-only loading with 4-bit weights (the scatter deadlocks)
+        "offload_params": False, "cpu_ram_efficient_loading": False,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": decoder_layer,
+        "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True}}
+
+
+def has_flash_attn() -> bool:
+    """Whether the flash-attn package is installed here (the trainer's environment)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def decoder_layer_class(config: Any) -> str:
+    """The decoder layer class of a transformers config (LlamaForCausalLM -> LlamaDecoderLayer)."""
+    return (config.architectures or ["LlamaForCausalLM"])[0].replace("ForCausalLM", "DecoderLayer")
 
 
 # --------------------------------------------------------------------------- running axolotl
@@ -185,20 +229,37 @@ def drop_incomplete_checkpoints(output_dir: Path, log: Callable[[str], Any]) -> 
             shutil.rmtree(ckpt)
 
 
-def run_axolotl(config_path: Path, log_path: Path, log: Callable[[str], Any]) -> None:
-    """Run ``axolotl.cli.train`` on ``config_path``; its output goes to ``log_path``."""
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-    cmd = [train_python(), "-m", "axolotl.cli.train", str(config_path)]
+def axolotl_command(config_path: Path, processes: int = 1) -> list[str]:
+    """``axolotl.cli.train`` on ``config_path``; several processes (one per GPU) through accelerate."""
+    launcher = ["-m", "accelerate.commands.launch", "--num_processes", str(processes)] if processes > 1 else []
+    return [train_python(), *launcher, "-m", "axolotl.cli.train", str(config_path)]
+
+
+def run_axolotl(config_path: Path, log_path: Path, log: Callable[[str], Any], *, processes: int = 1,
+                hide_gpus: bool = False, max_steps: int | None = None, start_step: int = 0) -> None:
+    """Run ``axolotl.cli.train`` on ``config_path``; its output goes to ``log_path``.
+
+    ``hide_gpus``: compute.device is cpu on a machine with a GPU; axolotl would take the GPU.
+    ``max_steps``: progress with an ETA is logged per training step (the trainer logs every step).
+    """
+    env = stage_environment()  # what axolotl needs, no secrets it did not ask for
+    if hide_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = axolotl_command(config_path, processes)
     log(f"running {' '.join(cmd)} (output: {log_path})")
     with open(log_path, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, bufsize=1)
         assert proc.stdout is not None
+        progress = Progress("training steps", max_steps - start_step, log, every=0) if max_steps else None
+        done = 0
         for line in proc.stdout:
             out.write(line)
             text = line.strip()
-            # the trainer's per-step dicts and the resume notice are worth streaming
-            if text.startswith("{'loss'") or text.startswith("{'eval_loss'") or "resume" in text.lower():
+            if text.startswith("{'loss'") and progress is not None:  # one per optimizer step
+                done += 1
+                progress.update(min(done, progress.total), text[:120])
+            elif text.startswith("{'eval_loss'") or "resume" in text.lower():
                 log(text[:300])
         code = proc.wait()
     if code != 0:
@@ -228,11 +289,17 @@ class TrainerPlugin(_AxolotlPlugin):  # type: ignore[misc, valid-type]
                 self.start_step = state.global_step
 
             def on_train_end(self, args, state, control, **kwargs):
+                import torch
+
+                if not state.is_world_process_zero:  # one record per run, not one per GPU
+                    return
                 (output_dir / HISTORY).write_text(json.dumps(state.log_history), encoding="utf-8")
                 with open(output_dir / RUN_LOG, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"start_step": self.start_step, "end_step": state.global_step,
                                         "max_steps": state.max_steps, "epoch": state.epoch,
-                                        "best_checkpoint": state.best_model_checkpoint}) + "\n")
+                                        "best_checkpoint": state.best_model_checkpoint,
+                                        "max_memory_allocated_bytes": torch.cuda.max_memory_allocated()
+                                        if torch.cuda.is_available() else None}) + "\n")
 
         return [_Recorder()]
 
@@ -275,12 +342,6 @@ def work_key(cfg: TrainConfig, inputs: dict[str, Artifact]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process and of its finished children (Linux: ru_maxrss in KiB)."""
-    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-
-
 def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=print) -> Artifact:
     from transformers import AutoConfig
 
@@ -288,8 +349,10 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
 
     start = time.perf_counter()
     cfg = profile.train
+    placement = device.select(profile)
     base, corpus = inputs["base_model"], inputs["deduped_corpus"]
     base_dir = base.path / "model"
+    plan = memory_plan.check(STAGE, profile, placement, model_dir=base_dir, log=log)
     work = home / "work" / STAGE / work_key(cfg, inputs)
     output_dir = work / "out"
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +365,8 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
     # axolotl drops (does not truncate) conversations longer than sequence_len
     train_tokens = sum(n for n in lengths if n <= cfg.sequence_len)
     too_long = sum(n > cfg.sequence_len for n in lengths)
-    base_parameters = modelstats.count_parameters(AutoConfig.from_pretrained(base_dir))
+    base_config = AutoConfig.from_pretrained(base_dir)
+    base_parameters = modelstats.count_parameters(base_config)
     estimate = gpu_estimate.estimate(tokens_per_epoch=train_tokens, parameters=base_parameters, train=cfg)
     log(f"GPU estimate for {counts['train']} records, {train_tokens} tokens x {estimate['epochs']} epochs: "
         f"{estimate['gpu_hours']:.4f} h, ${estimate['gpu_cost_usd']:.4f} on {cfg.gpu_name} "
@@ -310,14 +374,21 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
 
     config = axolotl_config(cfg, base_model=base_dir, train_file=work / "data" / "train.jsonl",
                             val_file=work / "data" / "val.jsonl", output_dir=output_dir,
-                            pad_token=pad_token_for(base_dir), gpu=on_gpu())
+                            pad_token=pad_token_for(base_dir), placement=placement,
+                            decoder_layer=decoder_layer_class(base_config),
+                            flash_attention=placement.device == "cuda" and has_flash_attn())
     config_path = work / "axolotl.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     drop_incomplete_checkpoints(output_dir, log)
     (output_dir / HISTORY).unlink(missing_ok=True)
     runs_before = _read_runs(output_dir)
     train_start = time.perf_counter()
-    run_axolotl(config_path, work / "axolotl.log", log)
+    resume_from = max((int(c.name.split("-")[-1]) for c in output_dir.glob("checkpoint-*")), default=0)
+    if resume_from:
+        log(f"qlora_model: resuming from checkpoint-{resume_from} (a run of the same identity was interrupted)")
+    run_axolotl(config_path, work / "axolotl.log", log,
+                processes=placement.count if cfg.distributed != "none" else 1,
+                hide_gpus=placement.device == "cpu", max_steps=cfg.max_steps, start_step=resume_from)
     train_seconds = time.perf_counter() - train_start
 
     runs = _read_runs(output_dir)
@@ -349,7 +420,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
         log("merging the adapter into the base weights")
         merge_adapter(base_dir, adapter, st.path / "model", cfg.merged_dtype)
         text = modelstats.heldout_text(profile)
-        stats = modelstats.measure_saved_model(st.path / "model", text,
+        stats = modelstats.measure_saved_model(st.path / "model", text, placement=placement,
                                                max_tokens=profile.eval.perplexity_tokens)
         st.metrics.update(
             train_loss_first=train_losses[0] if train_losses else None,
@@ -371,6 +442,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
             train_tokens_per_epoch=train_tokens,
             train_records_too_long=too_long,
             perplexity=stats["perplexity"],
+            perplexity_tokens=profile.eval.perplexity_tokens,
             base_perplexity=base.manifest.get("metrics", {}).get("perplexity"),
             parameters=stats["parameters"],
             sparsity=stats["sparsity"],
@@ -382,6 +454,10 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
             seconds=time.perf_counter() - start,
             train_seconds=train_seconds,
             peak_rss_bytes=peak_rss_bytes(),
+            # the trainer's GPU peak is measured in axolotl's process (TrainerPlugin)
+            compute={**device.metadata(placement),
+                     "trainer_max_memory_allocated_bytes": run.get("max_memory_allocated_bytes")},
+            memory_plan=plan.metadata(),
         )
     return load_artifact(st.path)
 

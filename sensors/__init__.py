@@ -52,31 +52,43 @@ def reverify_corpus(context: dg.ScheduleEvaluationContext, refinery: RefineryRes
 
 @dg.sensor(job=data_job, minimum_interval_seconds=_PROFILE.landing.interval_seconds,
            default_status=dg.DefaultSensorStatus.RUNNING,
-           description="New JSONL/JSON/Parquet/CSV files in landing.dir become a data run that ingests them and "
+           description="New JSONL/JSON/Parquet/CSV files in landing.dir, once complete (a <name>.done marker, or "
+                       "the same size and mtime at two evaluations), become a data run that ingests them and "
                        "deduplicates them against the existing deduped_corpus.")
 def landing_sensor(context: dg.SensorEvaluationContext, refinery: RefineryResource):
-    """One run per batch of new files. The cursor holds the keys (name, mtime, size) already requested
-    for files still in the landing directory; a run moves its files to landing/processed/ once their
-    records are published, so a finished file leaves the cursor too. A failed run leaves its files in
-    place and known: touch a file (new mtime) to retry it."""
+    """One run per batch of new complete files (refinery.landing: a ``<name>.done`` marker, or the
+    same size and mtime as at the previous evaluation). The cursor holds the keys (name, mtime,
+    size) already requested for files still in the landing directory, and every key seen at this
+    evaluation; a run moves its files to landing/processed/ once their records are published, so a
+    finished file leaves the cursor too. A failed run leaves its files in place and known: touch a
+    file (new mtime) to retry it."""
     profile = refinery.load_profile()
     landing_dir = profile.resolve_path(profile.landing.dir)
     landing_dir.mkdir(parents=True, exist_ok=True)
     files = pending_files(landing_dir)
-    requested = set(json.loads(context.cursor)) if context.cursor else set()
+    state = json.loads(context.cursor) if context.cursor else {}
+    state = {"requested": state} if isinstance(state, list) else state  # a cursor from before "seen"
+    requested, seen = set(state.get("requested", [])), set(state.get("seen", []))
     present = {f.key for f in files}
-    new = [f for f in files if f.key not in requested]
+    growing = [f.path.name for f in files if not f.complete(seen)]
+    new = [f for f in files if f.complete(seen) and f.key not in requested]
+
+    def save(requested: set[str]) -> None:
+        context.update_cursor(json.dumps({"requested": sorted(requested & present), "seen": sorted(present)}))
+
     if not new:
-        context.update_cursor(json.dumps(sorted(requested & present)))
-        return dg.SkipReason(f"no new files in {landing_dir}")
+        save(requested)
+        waiting = f"; still being written (changed since the last look, no .done marker): {growing}" if growing else ""
+        return dg.SkipReason(f"no new complete files in {landing_dir}{waiting}")
     busy = context.instance.get_run_records(dg.RunsFilter(
         job_name=data_job.name, statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
                                           dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
         tags={"refinery/trigger": "landing"}), limit=1)
     if busy:  # two batches curated against the same corpus would publish two versions, each missing the other
+        save(requested)
         return dg.SkipReason(f"{len(new)} new files wait for landing run {busy[0].dagster_run.run_id} to finish")
     keys = sorted(f.key for f in new)
-    context.update_cursor(json.dumps(sorted((requested & present) | set(keys))))
+    save(requested | set(keys))
     return dg.RunRequest(
         run_key=hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20],
         run_config={"ops": {"raw_corpus": {"config": {"landing_files": [str(f.path) for f in new]}}}},

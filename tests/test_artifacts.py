@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from refinery.artifacts import MANIFEST, latest, load_artifact, require_latest, staged_artifact
+from refinery.artifacts import (MANIFEST, ArtifactCorrupted, clean_stale_staging, latest, load_artifact,
+                                require_latest, staged_artifact)
 
 
 def test_publish_writes_manifest_and_latest(tmp_path):
@@ -48,3 +49,51 @@ def test_latest_moves_to_newest(tmp_path):
     assert latest("s", home=tmp_path).version == versions[-1]
     pointer = json.loads((tmp_path / "artifacts" / "s" / "LATEST").read_text())
     assert pointer["version"] == versions[-1]
+
+
+def test_two_writers_of_one_identity_do_not_corrupt_each_other(tmp_path):
+    """Both write in their own staging directory; the second rename finds the first's finished
+    artifact and keeps it (same identity, same content)."""
+    outer = staged_artifact("s", home=tmp_path, version="abc")
+    first = outer.__enter__()
+    (first.path / "f").write_text("same")
+    with staged_artifact("s", home=tmp_path, version="abc") as second:
+        (second.path / "f").write_text("same")
+    outer.__exit__(None, None, None)
+    art = load_artifact(tmp_path / "artifacts" / "s" / "abc", verify=True)
+    assert first.path == second.path == art.path and (art.path / "f").read_text() == "same"
+    assert [p.name for p in (tmp_path / "artifacts" / "s").iterdir() if p.name.startswith(".staging")] == []
+
+
+def test_stale_staging_of_a_killed_writer_is_removed_on_start(tmp_path):
+    """SIGKILL skips every finally block: the staging directory stays until the next start
+    removes it, while a live writer's is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from refinery.artifacts import staged_artifact\n"
+            "with staged_artifact('s', home=Path(sys.argv[1])) as st:\n"
+            "    (st.path / 'half.bin').write_bytes(b'x' * 1000); print('ready', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    with staged_artifact("s", home=tmp_path) as live:  # a concurrent writer that is alive
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        logs = []
+        removed = clean_stale_staging(tmp_path, log=logs.append)
+        assert len(removed) == 1 and str(proc.pid) in removed[0].name and live.path.exists()
+        assert "stale staging" in logs[0]
+    assert latest("s", home=tmp_path) is not None
+
+
+def test_a_changed_file_is_an_error_naming_it(tmp_path):
+    with staged_artifact("s", home=tmp_path) as st:
+        (st.path / "w.bin").write_bytes(bytes(range(256)))
+    path = tmp_path / "artifacts" / "s" / st.version / "w.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01  # one flipped bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorrupted, match=r"w\.bin"):
+        load_artifact(path.parent, verify=True)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compression_helpers import publish_inputs, quiet, smoke_profile
 from refinery import awq, prune
+from refinery.config import ProfileError, load_profile
 from refinery.modelstats import ConfigError
 
 GROUP = 32  # the smoke profile's; divides 64 (hidden) and 128 (MLP)
@@ -99,12 +100,9 @@ def test_group_size_that_does_not_divide_is_rejected_before_any_work(home, input
         awq.build(smoke_profile(awq={"group_size": 48}), inputs=inputs, home=home, log=quiet)
 
 
-def test_autoawq_backend_without_the_package_says_how_to_install(home, inputs):
-    try:
-        import awq as autoawq  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.fail("autoawq is installed here; this test describes the default environment")
-    with pytest.raises(ConfigError, match=r"awq\.backend: autoawq is not installed; `pip install refinery\[autoawq\]`"):
-        awq.build(smoke_profile(awq={"backend": "autoawq"}), inputs=inputs, home=home, log=quiet)
+def test_there_is_no_autoawq_backend(tmp_path):
+    """AutoAWQ is archived upstream; the setting that could only refuse is gone (docs/compression.md)."""
+    path = tmp_path / "old.yaml"
+    path.write_text("awq: {backend: autoawq}\n")
+    with pytest.raises(ProfileError, match=r"awq\.backend"):
+        load_profile(str(path))

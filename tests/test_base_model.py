@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from refinery import base_model
-from refinery.artifacts import latest
+from refinery import base_model, runner
 from refinery.config import load_profile
 from refinery.modelstats import ConfigError
 
@@ -76,15 +75,19 @@ def test_tiny_random_is_deterministic_from_the_seed():
                            c["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_cache_reuses_same_source_and_config_and_rebuilds_otherwise(tmp_path):
+def test_identity_reuses_same_source_and_config_and_rebuilds_otherwise(tmp_path):
+    """The runner makes base_model once per identity (source checksum, config, code), rebuilds a
+    damaged one, and a changed setting makes another."""
     home = tmp_path / "h"
-    first = base_model.build(profile_with(), inputs={}, home=home, log=quiet)
-    again = base_model.build(profile_with(), inputs={}, home=home, log=quiet)
-    assert again.version == first.version
-    (first.path / "model" / "config.json").write_text("{}")  # a damaged cache is not reused
-    rebuilt = base_model.build(profile_with(), inputs={}, home=home, log=quiet)
-    assert rebuilt.version != first.version and rebuilt.verify() == []
-    other = base_model.build(profile_with(seed=7), inputs={}, home=home, log=quiet)
+    first, reused = runner.run("base_model", {}, profile_with(), home=home, log=quiet)
+    assert not reused
+    again, reused = runner.run("base_model", {}, profile_with(), home=home, log=quiet)
+    assert reused and again.version == first.version
+    (first.path / "model" / "config.json").write_text("{}")  # a damaged artifact is not reused
+    rebuilt, reused = runner.run("base_model", {}, profile_with(), home=home, log=quiet)
+    assert not reused and rebuilt.version == first.version and rebuilt.verify() == []
+    assert len(list((home / "artifacts" / "base_model").glob(".damaged-*"))) == 1
+    other, _ = runner.run("base_model", {}, profile_with(seed=7), home=home, log=quiet)
     assert other.version != rebuilt.version
 
 
@@ -133,8 +136,8 @@ def test_local_and_hub_kinds_load_a_folder_and_never_store_the_token(tiny, tmp_p
 
 @pytest.fixture(scope="session")
 def smollm2_home(tmp_path_factory):
-    """One home for the embedded model per test session (tests/test_gguf_export.py shares it:
-    base_model.build's cache turns the second build into a checksum)."""
+    """One home for the embedded model per test session (tests/test_gguf_export.py shares it: the
+    runner reuses the artifact of the same identity)."""
     return tmp_path_factory.getbasetemp() / "smollm2-home"
 
 
@@ -143,7 +146,7 @@ def test_smollm2_from_embedded_gguf(smollm2_home):
     """SmolLM2-135M-Instruct converted once into a bf16 folder that transformers generates with."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    art = base_model.build(load_profile("demo"), inputs={}, home=smollm2_home, log=quiet)
+    art, _ = runner.run("base_model", {}, load_profile("demo"), home=smollm2_home, log=quiet)
     m = art.manifest["metrics"]
     assert m["parameters"] == 134_515_008 and m["dtype"] == "bfloat16"
     assert m["source"]["sha256"] == base_model.sha256_file(base_model.embedded_gguf())
@@ -162,6 +165,5 @@ def test_smollm2_from_embedded_gguf(smollm2_home):
     answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
 
-    assert base_model.build(load_profile("demo"), inputs={}, home=smollm2_home,
-                            log=quiet).version == art.version
-    assert latest("base_model", smollm2_home).version == art.version
+    again, reused = runner.run("base_model", {}, load_profile("demo"), home=smollm2_home, log=quiet)
+    assert reused and again.version == art.version

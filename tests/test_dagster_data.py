@@ -203,6 +203,7 @@ def test_landing_sensor_dedups_new_files_against_existing_corpus(materialized, s
     duplicate = {"instruction": existing["messages"][0]["content"], "input": "",
                  "output": existing["messages"][1]["content"]}
     (landing / "batch1.jsonl").write_text(_alpaca_lines(new + [duplicate]))
+    (landing / "batch1.jsonl.done").touch()  # complete: no need to wait for a second look
     (landing / ".partial.jsonl").write_text(_alpaca_lines(new))  # still being copied: ignored
 
     context = dg.build_sensor_context(instance=instance, resources={"refinery": refinery})
@@ -228,7 +229,8 @@ def test_landing_sensor_dedups_new_files_against_existing_corpus(materialized, s
     assert (landing / "processed" / raw_version / "batch1.jsonl").exists()
     again = dg.build_sensor_context(instance=instance, resources={"refinery": refinery}, cursor=context.cursor)
     assert isinstance(landing_sensor(again), dg.SkipReason)
-    assert json.loads(again.cursor) == []
+    assert json.loads(again.cursor) == {"requested": [], "seen": []}
+    assert not (landing / "batch1.jsonl.done").exists()  # archived with its file
     assert query(refinery_home, "SELECT mode FROM materializations ORDER BY materialized_at") == [
         ("full",), ("full",), ("landing",), ("landing",)]
 

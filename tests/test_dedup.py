@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bench.data_stage import mutate  # the benchmark's near-copy generator: one definition of a planted edit
+from bench.dedup_corpora import greedy_truth, mutate, templated_corpus  # the benchmarks' corpora and edits
 from refinery.config import DedupConfig, resolve_path
-from refinery.dedup import (DedupIndex, MinHasher, ShingleHasher, exact_jaccard, find_duplicates,
-                            lsh_params, normalize_many, normalize_text)
+from refinery.dedup import (DedupIndex, MinHasher, NormBatch, Shingling, candidate_pairs, exact_jaccard, features,
+                            find_duplicates, lsh_params, normalize_batch, normalize_many, normalize_text)
 
 DATA = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}")
 
@@ -50,11 +50,16 @@ def test_normalize_text():
     assert normalize_many(texts) == [normalize_text(t) for t in texts] == ["a b", "ünïcode ok", "x y", "你好世界"]
 
 
-def test_ascii_fast_path_matches_unicode_path(english):
-    from refinery.dedup import _normalize_ascii_batch, _normalize_unicode_batch
+def test_compiled_normalization_matches_python(english):
+    import unicodedata
 
-    texts = [t for t in english[:300] if t.isascii()] + [" ", "", "\t\x1fA\v", "..", " x  y ", "a\r\n\r\nB!"]
-    assert _normalize_ascii_batch(texts) == _normalize_unicode_batch(texts)
+    def reference(t: str) -> str:
+        t = unicodedata.normalize("NFKC", t).lower()
+        return " ".join("".join(c for c in t if unicodedata.category(c)[0] != "P").split())
+
+    texts = english[:300] + [" ", "", "\t\x1fA\v", "..", " x  y ", "a\r\n\r\nB!", "ΟΔΟΣ ΣΟΦΟΣ", "İstanbul",
+                             "ﬁne ＡＢＣ", "e\u0301cole", "x\x00y"]
+    assert normalize_many(texts) == [reference(t.replace("\x00", "")) for t in texts]
 
 
 def test_shingle_hashes_are_exact_jaccard(english):
@@ -62,13 +67,12 @@ def test_shingle_hashes_are_exact_jaccard(english):
     norm = normalize_many(english[:60])
     texts = norm + [mutate(t, rng.uniform(0.01, 0.3), rng) for t in norm] + ["abc", ""]
     pairs = np.array([(i, i + 60) for i in range(60)] + [(0, 1), (2, 3), (120, 0), (121, 120)])
-    got = exact_jaccard(ShingleHasher("char", 5), texts, pairs)
+    got = exact_jaccard(Shingling("char", 5), texts, pairs)
     want = [char_jaccard(texts[a], texts[b]) for a, b in pairs]
     np.testing.assert_allclose(got, want, atol=1e-12)
-    # word shingles: the same span hash for the same words anywhere in a batch
-    words = ShingleHasher("word", 2)
-    h1, d1 = words.hashes(["a b c", "x a b"])
-    assert list(d1) == [0, 0, 1, 1] and h1[0] == h1[3] and len(set(h1.tolist())) == 3
+    # word shingles: the same hash for the same words anywhere in a batch
+    s0, s1 = Shingling("word", 2).hash_sets(NormBatch.of(["a b c", "x a b"]))
+    assert len(s0) == len(s1) == 2 and len(s0 & s1) == 1
 
 
 def test_minhash_estimates_jaccard(english):
@@ -76,7 +80,7 @@ def test_minhash_estimates_jaccard(english):
     norm = normalize_many(english[:200])
     texts = norm + [mutate(t, rng.uniform(0.01, 0.2), rng) for t in norm]
     pairs = np.array([(i, i + 200) for i in range(200)])
-    true = exact_jaccard(ShingleHasher("char", 5), texts, pairs)
+    true = exact_jaccard(Shingling("char", 5), texts, pairs)
     sig = MinHasher(128).signatures(texts)
     estimate = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
     assert abs(float((estimate - true).mean())) < 0.02  # unbiased
@@ -127,7 +131,7 @@ def test_verification_rejects_false_candidates(english):
     cfg = DedupConfig(threshold=0.97)
     result = find_duplicates([str(i) for i in range(len(texts))], texts, cfg, normalized=True)
     assert result.stats["rejected_candidates"] > 10
-    true = exact_jaccard(ShingleHasher(), texts, np.array([(i, i + 100) for i in range(100)]))
+    true = exact_jaccard(Shingling(), texts, np.array([(i, i + 100) for i in range(100)]))
     for i in range(100):
         assert (result.status[100 + i] == "near_duplicate") == (true[i] >= 0.97)
 
@@ -160,12 +164,53 @@ def test_incremental_against_saved_index(english, tmp_path):
         DedupIndex.load(tmp_path / "index", DedupConfig(key="prompt"))
 
 
-def test_lsh_params_from_datasketch():
-    from datasketch.lsh import _optimal_param
+def test_lsh_params_match_datasketch_without_its_private_function():
+    from datasketch.lsh import _optimal_param  # the reference only: refinery does not call it
 
-    assert lsh_params(0.8, 128, 0.5) == _optimal_param(0.8, 128, 0.5, 0.5)
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        for num_perm in (64, 128, 256):
+            for fnw in (0.5, 0.95):
+                assert lsh_params(threshold, num_perm, fnw) == _optimal_param(threshold, num_perm, 1 - fnw, fnw)
     b, r = lsh_params(0.8, 128, 0.95)
     assert b * r <= 128 and 1 - (1 - 0.8 ** r) ** b > 0.9
+
+
+@pytest.fixture(scope="module")
+def templated():
+    """Short records behind four long shared preambles: LSH buckets of hundreds, ground truth by
+    the greedy rule over EVERY pair of a preamble group."""
+    records, group = templated_corpus(families=8, per_family=300, seed=1)
+    return records, group, greedy_truth(records, group, DedupConfig().threshold)
+
+
+def test_templated_short_records_big_buckets_stay_exact(templated):
+    records, _, truth = templated
+    result = find_duplicates([r for r, _ in records], [t for _, t in records], DedupConfig())
+    assert result.stats["largest_bucket"] >= 300  # what the old 8-member cap could not handle
+    removed = {rid for (rid, _), s in zip(records, result.status) if s != "kept"}
+    should = {rid for rid, of in truth.items() if of is not None}
+    assert len(should) > 500
+    recall, precision = len(removed & should) / len(should), len(removed & should) / len(removed)
+    assert recall >= 0.995 and precision >= 0.999, (recall, precision)
+
+
+def test_every_pair_sharing_a_bucket_is_a_candidate(templated):
+    """No cap on a bucket: every pair of records that share a band key and are >= the threshold
+    is found (the pre-filter is sized for short records too)."""
+    records, group, _ = templated
+    cfg = DedupConfig()
+    batch = normalize_batch([t for _, t in records])
+    f = features(batch, cfg)
+    pairs, _ = candidate_pairs(f.bands, f.sig16, f.filled, cfg.threshold)
+    found = set(map(tuple, pairs.tolist()))
+    g = np.array([group[r] for r, _ in records])
+    i, j = np.triu_indices(len(records), 1)
+    same = (g[i] == g[j]) & (f.bands[i] == f.bands[j]).any(axis=1)
+    i, j = i[same], j[same]
+    sims = Shingling().jaccard(batch, np.stack([i, j], axis=1))
+    want = {(a, b) for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist()) if s >= cfg.threshold}
+    assert len(want) > 1000 and want <= found
+    assert int(f.filled.min()) < 128  # short records: fewer shingles than MinHash bins
 
 
 def test_cli(tmp_path, english):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from refinery import base_model, gguf_export, llamacpp
+from refinery import base_model, gguf_export, llamacpp, runner
 from refinery.config import load_profile
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1969, 3 people flew to the Moon."
@@ -226,7 +226,7 @@ def test_smollm2_q8_0_matches_transformers(tmp_path_factory, tmp_path):
     """The embedded SmolLM2 (shares the base-model cache with tests/test_base_model.py)."""
     start = time.perf_counter()
     home = tmp_path_factory.getbasetemp() / "smollm2-home"
-    art = base_model.build(load_profile("demo"), inputs={}, home=home, log=quiet)
+    art, _ = runner.run("base_model", {}, load_profile("demo"), home=home, log=quiet)
     model_dir = art.path / "model"
     path = gguf_export.convert_to_gguf(model_dir, tmp_path / "smol.gguf", "Q8_0", metadata={})
     ids = prompt_ids(model_dir)

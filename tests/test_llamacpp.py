@@ -34,11 +34,12 @@ def test_missing_package_names_the_extra(monkeypatch):
         llamacpp.load("whatever.gguf")
 
 
-def test_models_load_without_extra_buffer_types(tiny_gguf):
-    """The AMX / repack crash workaround reaches the model params llama.cpp is given."""
+def test_extra_buffer_types_follow_the_build(tiny_gguf):
+    """The AMX / repack crash workaround reaches the model params llama.cpp is given when the
+    build has AMX kernels; otherwise the fast repacked weights stay on."""
     _, path = tiny_gguf
     with llamacpp.loaded(path) as llm:
-        assert llm.model_params.use_extra_bufts is False
+        assert llm.model_params.use_extra_bufts is (not llamacpp.build_has_amx())
         assert llm.n_vocab() == 49152
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -23,28 +25,37 @@ ASSETS = ["raw_corpus", "deduped_corpus", "base_model", "qlora_model", "pruned_m
           "gguf_zst", "recovered_model", "benchmark_report", "release"]
 
 
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "REFINERY_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+            "REFINERY_PROFILE": "smoke", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _run(home: Path) -> subprocess.CompletedProcess:
+    """The README's main command (make demo runs this script) on the smoke profile."""
+    return subprocess.run([sys.executable, "scripts/run_pipeline.py", "--profile", "smoke"], env=_env(home),
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "REFINERY_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
-           "REFINERY_PROFILE": "smoke", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "refinery.home"], env=env, check=True, cwd=ROOT)
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    proc = subprocess.run([dagster, "job", "execute", "-f", "definitions.py", "-j", "pipeline"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    log = home / "pipeline.log"
-    log.write_text(proc.stdout + proc.stderr)
+    proc = _run(home)
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))
-    return {"home": home, "env": env, "proc": proc, "instance": instance, "log": log}
+    return {"home": home, "env": _env(home), "proc": proc, "instance": instance}
 
 
 def _tail(run) -> str:
     return (run["proc"].stdout + run["proc"].stderr)[-6000:]
 
 
-def test_pipeline_job_succeeds(pipeline_run):
-    assert pipeline_run["proc"].returncode == 0, _tail(pipeline_run)
+def test_pipeline_job_succeeds_with_a_readable_summary(pipeline_run):
+    proc = pipeline_run["proc"]
+    assert proc.returncode == 0, _tail(pipeline_run)
+    out = proc.stdout
+    assert "RELEASED: " in out and "key figure" in out and "make ui" in out
+    assert len(out.splitlines()) < 80  # a summary, not the event log (that is in the log file)
+    assert "benchmark_report  " in out and "shipped KLD" in out
 
 
 @pytest.mark.parametrize("asset", ASSETS)
@@ -54,6 +65,58 @@ def test_every_asset_materialized(pipeline_run, asset):
     metadata = event.asset_materialization.metadata
     if "path" in metadata:
         assert (Path(str(metadata["path"].value)) / "manifest.json").exists()
+
+
+def test_a_second_run_with_nothing_changed_reuses_every_stage(pipeline_run):
+    """Artifacts are named by what made them: the second run recomputes nothing."""
+    proc = _run(pipeline_run["home"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    instance = dg.DagsterInstance.from_config(str(pipeline_run["home"] / "dagster"))
+    run_id = instance.get_runs(limit=1)[0].run_id
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    meta = {r.event_log_entry.dagster_event.event_specific_data.materialization.asset_key.to_user_string():
+            r.event_log_entry.dagster_event.event_specific_data.materialization.metadata for r in records}
+    for name in ("base_model", "qlora_model", "pruned_model", "awq_model", "gguf_zst", "recovered_model",
+                 "quant_baselines", "benchmark_report"):
+        assert meta[name]["reused"].value is True, name
+    first = pipeline_run["instance"].get_latest_materialization_event(dg.AssetKey("release"))
+    assert meta["release"]["version"].value == first.asset_materialization.metadata["version"].value
+
+
+def _start(home: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "scripts/run_pipeline.py", "--profile", "smoke"], env=_env(home),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 900) -> None:
+    """SIGKILL the whole run (Dagster, the stage subprocess, axolotl) once ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before the point it was to be killed at"
+        assert time.monotonic() < deadline, "the point to kill at never came"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_runs_resume_training_and_the_report(tmp_path):
+    """kill -9 during qlora_model (after its first checkpoint), then during benchmark_report (after
+    it scored a model): each next run continues where the last one stopped."""
+    home = tmp_path / "home"
+    work = home / "work"
+    _kill_when(_start(home), lambda: any(work.glob("qlora_model/*/out/checkpoint-2/trainer_state.json")))
+    assert not list((home / "artifacts").glob("qlora_model/*/manifest.json"))  # nothing that looks finished
+    cache = work / "benchmark_report" / "fidelity"
+    _kill_when(_start(home), lambda: len(list(cache.glob("*-*-*.npz"))) >= 1)
+    scored = {p.name: p.stat().st_mtime_ns for p in cache.glob("*-*-*.npz")}
+    proc = _run(home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    qlora = json.loads(next((home / "artifacts").glob("qlora_model/*/manifest.json")).read_text())
+    assert qlora["metrics"]["resumed_from_step"] >= 2  # training went on from its checkpoint
+    for name, mtime in scored.items():  # what the killed report had scored was not scored again
+        assert (cache / name).stat().st_mtime_ns == mtime
+    assert not list((home / "artifacts").glob("*/.staging-*"))  # the killed runs' debris is gone
+    assert "RELEASED" in proc.stdout
 
 
 def test_every_check_passed(pipeline_run):

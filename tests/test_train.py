@@ -10,16 +10,21 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from transformers import LlamaConfig
 
 from compression_helpers import corpus_rows
 from refinery import base_model, train
 from refinery.artifacts import latest, load_artifact, staged_artifact
 from refinery.config import PROJECT_ROOT, load_profile
+from refinery.device import Placement
+from refinery.environment import stage_environment
+from refinery.modelstats import ConfigError
 from refinery.records import KEPT_SCHEMA, read_table, write_table
 
 TRAIN_PYTHON = PROJECT_ROOT / ".venv-train" / "bin" / "python"
@@ -62,21 +67,66 @@ def test_split_is_deterministic_and_disjoint(inputs, tmp_path):
     assert set(capped["val"]) <= ids["val"] and set(capped["train"]) <= ids["train"]
 
 
+GPU = Placement("cuda", "bfloat16", "A100-SXM4-80GB", 80 * 2**30, 256 * 2**30, 4)
+CPU = Placement("cpu", "float32", "cpu", 24 * 2**30, 24 * 2**30)
+DISTRIBUTED = ("none", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
+
+
+def _paths(tmp_path):
+    return dict(base_model=tmp_path / "m", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "v.jsonl",
+                output_dir=tmp_path / "out", pad_token="<pad>")
+
+
 def test_axolotl_config_for_cpu_and_for_the_8b_plan(tmp_path):
     seed = load_profile("llama31-8b").train
-    paths = dict(base_model=tmp_path / "m", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "v.jsonl",
-                 output_dir=tmp_path / "out", pad_token="<pad>")
-    gpu = train.axolotl_config(seed, gpu=True, **paths)
+    gpu = train.axolotl_config(seed, placement=GPU, **_paths(tmp_path))
     assert (gpu["load_in_4bit"], gpu["adapter"], gpu["lora_r"], gpu["learning_rate"]) == (True, "qlora", 64, 5e-6)
     assert (gpu["num_epochs"], gpu["micro_batch_size"], gpu["early_stopping_patience"]) == (3, 4, 3)
     assert gpu["gradient_accumulation_steps"] > 1 and gpu["sample_packing"] is True
     assert gpu["val_set_size"] == 0 and gpu["test_datasets"][0]["path"].endswith("v.jsonl")
-    assert "lora_mlp_kernel" not in gpu
-    cpu = train.axolotl_config(seed, gpu=False, **paths)
+    # compute.dtype auto on the GPU: bf16, the fused CUDA kernels on, checkpointing on
+    assert (gpu["bf16"], gpu["fp16"], gpu["lora_mlp_kernel"], gpu["gradient_checkpointing"]) == (True, False, True, True)
+    fp16 = train.axolotl_config(seed, placement=replace(GPU, dtype="float16"), flash_attention=True, **_paths(tmp_path))
+    assert (fp16["bf16"], fp16["fp16"], fp16["attn_implementation"]) == (False, True, "flash_attention_2")
+    cpu = train.axolotl_config(seed, placement=CPU, **_paths(tmp_path))
     assert all(cpu[k] is False for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
-                                         "lora_embedding_kernel", "flash_attention"))
+                                         "lora_embedding_kernel", "flash_attention", "bf16", "fp16"))
     assert "refinery.bnb_cpu.BnbCpuPlugin" in cpu["plugins"]
     assert cpu["attn_implementation"] == "sdpa"  # isolates packed samples on CPU
+    assert train.decoder_layer_class(LlamaConfig()) == "LlamaDecoderLayer"
+
+
+def test_multi_gpu_variants_validate_in_axolotl(tmp_path):
+    """train.distributed: the generated YAML of each variant, validated by axolotl 0.19's own schema
+    as on a 4 x A100 node (capabilities given; no GPU needed), and the launcher it runs under."""
+    seed = load_profile("llama31-8b").train
+    configs = {kind: train.axolotl_config(seed.model_copy(update={"distributed": kind}), placement=GPU,
+                                          **_paths(tmp_path)) for kind in DISTRIBUTED}
+    assert "deepspeed" not in configs["none"] and "fsdp_config" not in configs["none"]
+    assert configs["deepspeed_zero2"]["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert configs["deepspeed_zero3"]["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert configs["fsdp"]["fsdp_version"] == 2
+    assert configs["fsdp"]["fsdp_config"]["transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    for kind, config in configs.items():
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    script = (
+        "import sys, yaml\n"
+        "from axolotl.utils.config import validate_config\n"
+        "from axolotl.utils.dict import DictDefault\n"
+        "caps = {'bf16': True, 'fp8': False, 'tf32': True, 'n_gpu': 4, 'compute_capability': 'sm_80'}\n"
+        "for path in sys.argv[1:]:\n"
+        "    cfg = validate_config(DictDefault(yaml.safe_load(open(path))), capabilities=caps,\n"
+        "                          env_capabilities={'torch_version': '2.13.0'})\n"
+        "    print('valid', path, bool(cfg.deepspeed), cfg.fsdp_version)\n")
+    out = subprocess.run([str(TRAIN_PYTHON), "-c", script, *(str(tmp_path / f"{k}.yaml") for k in DISTRIBUTED)],
+                         capture_output=True, text=True, timeout=300, env=stage_environment())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [line.split()[0] for line in out.stdout.splitlines() if line.startswith("valid")] == ["valid"] * 4
+    cmd = train.axolotl_command(tmp_path / "fsdp.yaml", processes=4)
+    assert cmd[1:6] == ["-m", "accelerate.commands.launch", "--num_processes", "4", "-m"]
+    assert train.axolotl_command(tmp_path / "none.yaml")[1:3] == ["-m", "axolotl.cli.train"]
+    with pytest.raises(ConfigError, match=r"train\.distributed: fsdp needs GPUs"):
+        train.axolotl_config(seed.model_copy(update={"distributed": "fsdp"}), placement=CPU, **_paths(tmp_path))
 
 
 def _smoke_profile(tmp_path: Path) -> Path:

@@ -1,0 +1,453 @@
+"""The curation half of the data stage as streaming steps, with memory bounded by configuration.
+
+    records.parquet --(batches of data_engine.batch_records)--> map_batch --> dedup_verdicts --> write
+                         language ID, decontamination,             exact keys, LSH candidates,
+                         normalized dedup keys, MinHash features   verification, greedy resolution
+
+- ``map_batch`` (one record batch, independent of every other): fastText language ID,
+  decontamination against the eval n-gram index, and for the records still in the running, the
+  normalized dedup key and its ``refinery.dedup.Features``. It is the step an executor spreads over
+  workers (refinery.datastage_ray runs it on Ray Data).
+- ``dedup_verdicts`` (global, on compact arrays: 128-bit exact keys, band keys, a 16-bit MinHash
+  sketch; about 400 bytes a record): exact duplicates, LSH candidates, exact-Jaccard verification
+  of the candidates (their texts are read back from the spill, ``dedup.verify_chunk_chars`` at a
+  time) and the greedy resolution in record order. Its result does not depend on how the batches
+  were mapped, so one process and N workers keep the same records.
+- ``write`` (one batch at a time again): the batch re-read from the input, its verdicts attached,
+  appended to kept.parquet / rejected.parquet / clusters.parquet, and the kept records' index rows
+  to dedup_index/.
+
+The normalized texts are the only thing that grows with the corpus beyond the compact arrays;
+they go to a spill file (``Spill``) and are read back only for the pairs being verified.
+``refinery.curate.curate`` runs the same steps on an in-memory table.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from refinery.config import Profile
+from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, candidate_pairs, features, first_occurrence,
+                            index_params, index_table, normalize_batch, resolve, verify_pairs, write_index)
+from refinery.records import CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, TEXT_ROLES, joined_text
+
+REASONS = ("non_english", "contaminated", "exact_duplicate", "near_duplicate")
+INDEX_DIR = "dedup_index"
+
+
+def length_percentiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+    p = np.percentile(values, [50, 90, 99])
+    return {"p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2])}
+
+
+def conversation_chars(messages: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Characters per record, all turns together."""
+    arr = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
+    per_message = pc.utf8_length(pc.list_flatten(arr).field("content")).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(arr).to_numpy()
+    return np.bincount(parents, weights=per_message, minlength=len(arr)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ map
+
+
+@dataclass
+class StageContext:
+    """What a worker loads once: the language-ID model and the eval n-gram index."""
+
+    profile: Profile
+    ident: Any  # refinery.langid.LanguageIdentifier
+    decontam: Any = None  # refinery.decontam.NgramIndex, or None: no decontamination here
+
+    @classmethod
+    def build(cls, profile: Profile, eval_texts: dict[str, list[str]] | None = None) -> StageContext:
+        from refinery.decontam import NgramIndex
+        from refinery.langid import LanguageIdentifier
+
+        index = NgramIndex(eval_texts, profile.decontam.ngram) if eval_texts else None
+        return cls(profile, LanguageIdentifier(profile.langid), index)
+
+
+@dataclass
+class Mapped:
+    """``map_batch``'s result for one batch: per record (language, contamination) and, for the
+    records that reach dedup (``dedup_rows``), their ids, features and normalized keys."""
+
+    lang: list[str]
+    lang_score: np.ndarray
+    p_en: np.ndarray
+    english: np.ndarray
+    contaminated: dict[int, str]  # row -> detail (only when decontam.action is remove)
+    dedup_rows: np.ndarray  # rows of the batch that go to dedup
+    ids: list[str]  # their ids
+    features: Features
+    norm: NormBatch | list[str] | None  # their normalized keys (as str to travel; None once spilled)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lang)
+
+
+def map_batch(batch: pa.RecordBatch | pa.Table, ctx: StageContext,
+              contaminated: dict[str, str] | None = None) -> Mapped:
+    """Language ID, decontamination and dedup features of one batch (RECORD_SCHEMA columns)."""
+    profile = ctx.profile
+    messages = batch.column("messages")
+    labels, scores, p_en = ctx.ident.classify_arrays(
+        joined_text(messages, TEXT_ROLES[profile.langid.text], " ", profile.langid.max_chars))
+    english = ctx.ident.is_english(p_en)
+    ids = batch.column("id").to_pylist()
+    found: dict[int, str] = {}
+    if profile.decontam.action == "remove":  # block: contaminated records stay for the blocking check
+        if contaminated:
+            found = {i: contaminated[r] for i, r in enumerate(ids) if english[i] and r in contaminated}
+        if ctx.decontam is not None:
+            rows = np.flatnonzero(english)
+            texts = joined_text(messages.take(pa.array(rows)), TEXT_ROLES["all"], "\n")
+            for i, hit in zip(rows.tolist(), ctx.decontam.find_batch(texts)):
+                if hit and i not in found:
+                    found[i] = f"{hit[0]}: shares the {len(hit[1].split())}-gram '{hit[1]}'"
+    todo = english.copy()
+    todo[list(found)] = False
+    rows = np.flatnonzero(todo)
+    dcfg = profile.dedup
+    norm = normalize_batch(joined_text(messages.take(pa.array(rows, pa.int64())), TEXT_ROLES[dcfg.key], "\n"))
+    return Mapped(labels, scores, p_en, english, found, rows, [ids[i] for i in rows.tolist()], features(norm, dcfg), norm)
+
+
+# ------------------------------------------------------------------------------------ spill
+
+
+class Spill:
+    """Normalized texts on disk (UTF-8, one file), read back by row for verification: the texts
+    of a 50M-record corpus do not fit in memory, their pairs to verify do."""
+
+    def __init__(self, directory: Path | None = None):
+        self._file = tempfile.NamedTemporaryFile(prefix="refinery-spill-", dir=directory)
+        self._offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self._lengths: list[np.ndarray] = []  # code points, for the verification budget
+        self._end = 0
+
+    def append(self, norm: NormBatch | list[str]) -> None:
+        texts = norm.texts() if isinstance(norm, NormBatch) else norm
+        data = [t.encode("utf-8", "surrogatepass") for t in texts]
+        sizes = np.fromiter(map(len, data), np.int64, len(data))
+        self._file.write(b"".join(data))
+        self._offsets.append(self._end + np.cumsum(sizes))
+        self._lengths.append(np.fromiter(map(len, texts), np.int64, len(texts)))
+        self._end += int(sizes.sum())
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate(self._lengths) if self._lengths else np.empty(0, np.int64)
+
+    def take(self, rows: np.ndarray) -> NormBatch:
+        self._file.flush()
+        offsets = np.concatenate(self._offsets)
+        fd = self._file.fileno()
+        texts = [os.pread(fd, int(offsets[r + 1] - offsets[r]), int(offsets[r])).decode("utf-8", "surrogatepass")
+                 for r in np.asarray(rows).tolist()]
+        return NormBatch.of(texts)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ------------------------------------------------------------------------------------ dedup
+
+
+@dataclass
+class Verdicts:
+    """Per dedup row (all batches' dedup rows in order): duplicate kind, of which id, similarity."""
+
+    kind: np.ndarray  # uint8: 0 kept, 1 exact, 2 near
+    dup_of: list[str | None]
+    similarity: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.ndarray], NormBatch],
+                   lengths: np.ndarray, profile: Profile, index: DedupIndex | None = None, *,
+                   pairs_fn: Callable[..., tuple[np.ndarray, dict[str, int]]] | None = None,
+                   map_runs: Callable[..., Any] | None = None) -> Verdicts:
+    """Exact then near duplicates of the dedup rows (in record order) and against ``index``.
+
+    ``texts_of(rows)`` reads the normalized texts of dedup rows; ``pairs_fn`` replaces
+    ``candidate_pairs`` (same arguments) and ``map_runs`` computes ``verify_pairs``' runs, in a
+    distributed run.
+    """
+    cfg = profile.dedup
+    t0 = time.perf_counter()
+    index = index or DedupIndex.empty(cfg)
+    e, n = len(index), len(ids)
+    first = first_occurrence(np.concatenate([index.exact, feats.exact]))[e:]
+    exact_dup = first != np.arange(e, e + n)
+    unique = np.flatnonzero(~exact_dup)
+    u = feats.take(unique)
+    k = cfg.num_perm
+    bands = np.concatenate([index.bands, u.bands]) if e else u.bands
+    sig16 = np.concatenate([np.zeros((e, k), np.uint16), u.sig16]) if e else u.sig16  # existing: always verified
+    filled = np.concatenate([np.zeros(e, np.int32), u.filled]) if e else u.filled
+    del u
+    pairs, cstats = (pairs_fn or candidate_pairs)(bands, sig16, filled, cfg.threshold, existing=e)
+    del sig16
+    t_cand = time.perf_counter()
+
+    def rows_text(rows: np.ndarray) -> NormBatch:
+        old = rows[rows < e]
+        fresh = texts_of(unique[rows[rows >= e] - e])
+        return NormBatch.concat([index.norm.take(old), fresh]) if len(old) else fresh
+
+    all_lengths = np.concatenate([index.norm.ends - index.norm.starts, lengths[unique]])
+    shingling = Shingling.from_config(cfg)
+    sims = verify_pairs(pairs, rows_text, shingling, all_lengths, cfg.verify_chunk_chars, map_runs)
+    t_verify = time.perf_counter()
+    dup, sim = resolve(pairs, sims, cfg.threshold, e + len(unique))
+
+    kind = np.zeros(n, np.uint8)
+    dup_of: list[str | None] = [None] * n
+    similarity = np.full(n, np.nan)
+    for i in np.flatnonzero(exact_dup).tolist():
+        j = int(first[i])
+        kind[i], dup_of[i], similarity[i] = 1, index.ids[j] if j < e else ids[j - e], 1.0
+    for r in np.flatnonzero(dup[e:] >= 0).tolist():
+        a = int(dup[e + r])
+        i = int(unique[r])
+        kind[i], dup_of[i], similarity[i] = 2, index.ids[a] if a < e else ids[int(unique[a - e])], sim[e + r]
+    verified = int((sims >= cfg.threshold).sum())
+    params = index_params(cfg)
+    return Verdicts(kind, dup_of, similarity, {
+        "records": n, "existing": e, "bands": params["bands"], "rows": params["rows"], **cstats,
+        "verified_pairs": verified, "rejected_candidates": int(len(pairs) - verified),
+        "exact_duplicates": int((kind == 1).sum()), "near_duplicates": int((kind == 2).sum()),
+        "seconds": {"candidates": t_cand - t0, "verify": t_verify - t_cand, "total": time.perf_counter() - t0}})
+
+
+# ------------------------------------------------------------------------------------ assemble
+
+
+@dataclass
+class Tally:
+    """What the write step counts while batches go by."""
+
+    counts: Counter = field(default_factory=Counter)
+    per_source: dict[str, Counter] = field(default_factory=dict)
+    languages: Counter = field(default_factory=Counter)
+    lengths: dict[str, list[np.ndarray]] = field(default_factory=dict)  # kept records' characters per source
+
+    def result(self) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, float]]]:
+        keys = ("read", "kept", *REASONS)
+        counts = {k: int(self.counts[k]) for k in keys}
+        per_source = {s: {k: int(c[k]) for k in keys} for s, c in self.per_source.items()}
+        pct = {s: length_percentiles(np.concatenate(self.lengths.get(s, [np.empty(0)]))) for s in per_source}
+        return counts, per_source, dict(self.languages.most_common()), pct
+
+
+def assemble(batch: pa.RecordBatch | pa.Table, mapped: Mapped, kind: np.ndarray, dup_of: Sequence[str | None],
+             similarity: np.ndarray, tally: Tally) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(kept, rejected, clusters) rows of one batch, counted into ``tally``."""
+    n = mapped.rows
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    table = table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+    reason = np.full(n, None, object)
+    reason[~mapped.english] = "non_english"
+    detail = np.full(n, None, object)
+    for i, d in mapped.contaminated.items():
+        reason[i], detail[i] = "contaminated", d
+    dup = np.full(n, None, object)
+    sim = np.full(n, np.nan)
+    rows = mapped.dedup_rows
+    names = np.array([None, "exact_duplicate", "near_duplicate"], object)
+    reason[rows] = names[kind]
+    dup[rows] = np.asarray(dup_of, object)
+    sim[rows] = similarity
+    table = (table.append_column("lang", pa.array(mapped.lang, pa.string()))
+             .append_column("lang_score", pa.array(mapped.lang_score, pa.float64()))
+             .append_column("p_en", pa.array(mapped.p_en, pa.float64())))
+    kept_mask = np.array([r is None for r in reason], bool)
+    kept = table.filter(pa.array(kept_mask)).cast(KEPT_SCHEMA)
+    rej = np.flatnonzero(~kept_mask)
+    rejected = (table.take(pa.array(rej, pa.int64()))
+                .append_column("reason", pa.array(reason[rej].tolist(), pa.string()))
+                .append_column("duplicate_of", pa.array(dup[rej].tolist(), pa.string()))
+                .append_column("similarity", pa.array([None if np.isnan(x) else float(x) for x in sim[rej]],
+                                                      pa.float64()))
+                .append_column("detail", pa.array(detail[rej].tolist(), pa.string()))).cast(REJECTED_SCHEMA)
+    is_dup = np.isin(reason[rej], ["exact_duplicate", "near_duplicate"]) if len(rej) else np.zeros(0, bool)
+    clusters = pa.table({"kept_id": rejected["duplicate_of"].filter(pa.array(is_dup)),
+                         "removed_id": rejected["id"].filter(pa.array(is_dup)),
+                         "kind": pa.array([r.split("_")[0] for r in reason[rej][is_dup]], pa.string()),
+                         "similarity": rejected["similarity"].filter(pa.array(is_dup))}, schema=CLUSTER_SCHEMA)
+    sources = table["source"].to_numpy(zero_copy_only=False)
+    lengths = conversation_chars(kept["messages"]) if kept.num_rows else np.empty(0, np.int64)
+    kept_sources = sources[kept_mask]
+    for src in np.unique(sources).tolist():
+        c = tally.per_source.setdefault(src, Counter())
+        mine = sources == src
+        c["read"] += int(mine.sum())
+        c["kept"] += int((mine & kept_mask).sum())
+        for r, m in Counter(reason[mine & ~kept_mask].tolist()).items():
+            c[r] += m
+        tally.lengths.setdefault(src, []).append(lengths[kept_sources == src])
+    tally.counts["read"] += n
+    tally.counts["kept"] += int(kept_mask.sum())
+    tally.counts.update(reason[~kept_mask].tolist())
+    tally.languages.update(mapped.lang)
+    return kept, rejected, clusters
+
+
+# ------------------------------------------------------------------------------------ executors
+
+
+@dataclass
+class StageOutput:
+    """What a run of the stage produced (what refinery.curate.write_deduped_corpus returns too)."""
+
+    counts: dict[str, int]
+    per_source: dict[str, dict[str, int]]
+    languages: dict[str, int]
+    length_percentiles: dict[str, dict[str, float]]
+    index_records: int
+    stats: dict[str, Any]
+
+
+MapFn = Callable[[Iterable[pa.RecordBatch]], Iterator[Mapped]]
+
+
+def batches(path: Path, size: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file, ``size`` rows each (the stage's unit of memory)."""
+    yield from pq.ParquetFile(path).iter_batches(batch_size=size, columns=RECORD_SCHEMA.names)
+
+
+def local_map(ctx: StageContext) -> MapFn:
+    """map_batch in this process, one batch after another."""
+    return lambda stream: (map_batch(b, ctx) for b in stream)
+
+
+def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
+              existing: Path | None = None, spill_dir: Path | None = None,
+              pairs_fn: Callable[..., Any] | None = None, map_runs: Callable[..., Any] | None = None,
+              log: Callable[[str], None] | None = None) -> StageOutput:
+    """Curate ``records`` (a records.parquet) into ``out_dir``: kept/rejected/clusters parquet and
+    dedup_index/, streaming ``data_engine.batch_records`` records at a time. ``map_fn`` maps the
+    batches (here or on workers); everything after it is the same for every executor."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    size = profile.data_engine.batch_records
+    index = DedupIndex.load(Path(existing) / INDEX_DIR, profile.dedup) if existing is not None else None
+    spill = Spill(spill_dir)
+    try:
+        parts: list[Mapped] = []
+        feats, ids = [], []
+        for m in map_fn(batches(records, size)):  # in record order, however the executor cut the batches
+            spill.append(m.norm)
+            feats.append(m.features)
+            ids += m.ids
+            m.norm, m.features = None, None  # spilled / kept above: only the per-record results stay
+            parts.append(m)
+        rows = _concat(parts)
+        del parts
+        t_map, c_map = time.perf_counter(), time.process_time()
+        if log:
+            log(f"data stage: mapped {rows.rows} records in {t_map - t0:.1f} s")
+        all_feats = Features.concat(feats) if feats else features(NormBatch.of([]), profile.dedup)
+        del feats
+        verdicts = dedup_verdicts(ids, all_feats, spill.take, spill.lengths(), profile, index,
+                                  pairs_fn=pairs_fn, map_runs=map_runs)
+        t_dedup = time.perf_counter()
+        tally = _write(records, out_dir, profile, rows, verdicts, all_feats, ids, spill, index)
+    finally:
+        spill.close()
+    counts, per_source, languages, pct = tally.result()
+    if counts["read"] != counts["kept"] + sum(counts[r] for r in REASONS):
+        raise AssertionError(f"data stage: read {counts['read']} != kept + rejections {counts}")
+    t_end = time.perf_counter()
+    stats = {"dedup": verdicts.stats, "batch_records": size,
+             "seconds": {"map": t_map - t0, "dedup": t_dedup - t_map, "write": t_end - t_dedup, "total": t_end - t0},
+             "cpu_seconds": {"map": c_map - c0, "total": time.process_time() - c0}}
+    return StageOutput(counts, per_source, languages, pct, tally.counts["index"], stats)
+
+
+def _concat(parts: list[Mapped]) -> Mapped:
+    """The per-record results of every batch as one (rows numbered over the whole input)."""
+    offsets = np.cumsum([0] + [m.rows for m in parts])
+    return Mapped([x for m in parts for x in m.lang],
+                  np.concatenate([m.lang_score for m in parts] or [np.empty(0)]),
+                  np.concatenate([m.p_en for m in parts] or [np.empty(0)]),
+                  np.concatenate([m.english for m in parts] or [np.empty(0, bool)]),
+                  {int(o) + i: d for m, o in zip(parts, offsets) for i, d in m.contaminated.items()},
+                  np.concatenate([m.dedup_rows + o for m, o in zip(parts, offsets)] or [np.empty(0, np.int64)]),
+                  [], None, None)
+
+
+def _write(records: Path, out_dir: Path, profile: Profile, rows: Mapped, verdicts: Verdicts,
+           feats: Features, ids: list[str], spill: Spill, index: DedupIndex | None) -> Tally:
+    """The write pass: each batch again, with its verdicts, appended to the artifact's files
+    (written under temporary names and renamed at the end: a crash leaves no partial file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {name: pq.ParquetWriter(out_dir / f".{name}.tmp", schema, compression="zstd")
+               for name, schema in (("kept.parquet", KEPT_SCHEMA), ("rejected.parquet", REJECTED_SCHEMA),
+                                    ("clusters.parquet", CLUSTER_SCHEMA))}
+    tally = Tally()
+
+    def index_parts() -> Iterator[pa.Table]:  # the kept records' index rows, written as they come
+        if index is not None and len(index):
+            yield index_table(index.ids, index.exact, index.bands, index.texts)
+        start = 0
+        for batch in batches(records, profile.data_engine.batch_records):
+            end = start + batch.num_rows
+            lo, hi = np.searchsorted(rows.dedup_rows, [start, end])
+            part = slice(int(lo), int(hi))
+            mapped = Mapped(rows.lang[start:end], rows.lang_score[start:end], rows.p_en[start:end],
+                            rows.english[start:end], {i - start: d for i, d in rows.contaminated.items()
+                                                      if start <= i < end},
+                            rows.dedup_rows[part] - start, ids[part], feats, None)
+            kept, rejected, clusters = assemble(batch, mapped, verdicts.kind[part], verdicts.dup_of[part],
+                                                verdicts.similarity[part], tally)
+            writers["kept.parquet"].write_table(kept)
+            writers["rejected.parquet"].write_table(rejected)
+            writers["clusters.parquet"].write_table(clusters)
+            keep = np.flatnonzero(verdicts.kind[part] == 0) + part.start
+            if len(keep):
+                yield index_table([ids[i] for i in keep.tolist()], feats.exact[keep], feats.bands[keep],
+                                  spill.take(keep).texts())
+            start = end
+
+    tally.counts["index"] = write_index(out_dir / INDEX_DIR, index_params(profile.dedup), index_parts())
+    for w in writers.values():
+        w.close()
+    for name in writers:
+        (out_dir / f".{name}.tmp").replace(out_dir / name)
+    return tally
+
+
+def curate_to(records: Path, out_dir: Path, profile: Profile, eval_texts: dict[str, list[str]] | None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The deduped_corpus files from a records.parquet with the profile's executor (local or Ray);
+    returns the manifest metrics ``refinery.curate.write_deduped_corpus`` gives for an in-memory run."""
+    if profile.data_engine.kind == "ray":
+        from refinery.datastage_ray import run_stage_ray
+
+        out = run_stage_ray(records, out_dir, profile, eval_texts=eval_texts, log=log)
+    else:
+        spill = profile.resolve_path(profile.data_engine.spill_dir) if profile.data_engine.spill_dir else None
+        out = run_stage(records, out_dir, profile, map_fn=local_map(StageContext.build(profile, eval_texts)),
+                        spill_dir=spill, log=log)
+    lang = pq.read_table(out_dir / "kept.parquet", columns=["lang"])["lang"]
+    english = float(pc.mean(pc.cast(pc.equal(lang, profile.langid.english_label), pa.float64())).as_py() or 0.0)
+    clusters = pq.ParquetFile(out_dir / "clusters.parquet").metadata.num_rows
+    return {"counts": out.counts, "per_source": out.per_source, "languages": out.languages,
+            "length_percentiles": out.length_percentiles, "clusters": clusters, "index_records": out.index_records,
+            "kept_english_share": english if len(lang) else 0, "stats": out.stats}

@@ -1,0 +1,79 @@
+"""The streaming data stage: bounded batches give the same corpus as the in-memory path, and the
+same steps on Ray (local, 2 workers) keep the same records as one process."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from refinery.config import DataEngineConfig, load_profile
+from refinery.curate import curate
+from refinery.datastage import StageContext, local_map, run_stage
+from refinery.dedup import DedupIndex
+from refinery.records import RECORD_SCHEMA
+from tests.test_curate import alpaca, edit_words, records_from
+
+EVAL = {"gsm8k": ["Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
+                  "muffins for her friends every day with four."]}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[pa.Table, dict]:
+    en, zh = alpaca("en", 300), alpaca("zh", 30)
+    rows = (records_from("en", en[:260]) + records_from("zh", zh)
+            + records_from("planted", [(u.upper(), a) for u, a in en[:15]] + [(u, edit_words(a, 40)) for u, a in en[15:45]])
+            + records_from("leak", [("Puzzle: she eats three for breakfast every morning and bakes muffins for her "
+                                     "friends every day. How many?", "Four.")])
+            + records_from("later", [(u, edit_words(a, 50)) for u, a in en[100:130]] + en[260:300]))
+    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+    path = tmp_path_factory.mktemp("stage") / "records.parquet"
+    pq.write_table(table, path)
+    return table, {"path": path}
+
+
+def fates(out) -> dict[str, tuple]:
+    kept = pq.read_table(out / "kept.parquet", columns=["id"])["id"].to_pylist()
+    rej = pq.read_table(out / "rejected.parquet", columns=["id", "reason", "duplicate_of"]).to_pylist()
+    return {**{i: ("kept",) for i in kept}, **{r["id"]: (r["reason"], r["duplicate_of"]) for r in rej}}
+
+
+def with_engine(**kw):
+    profile = load_profile("smoke")
+    return profile.model_copy(update={"data_engine": DataEngineConfig(**kw)})
+
+
+def test_streaming_small_batches_equal_in_memory(corpus, tmp_path):
+    table, files = corpus
+    profile = with_engine(batch_records=37)  # many batches, none aligned with anything
+    ctx = StageContext.build(profile, EVAL)
+    out = run_stage(files["path"], tmp_path / "out", profile, map_fn=local_map(ctx))
+    c = out.counts
+    assert c["read"] == table.num_rows == c["kept"] + sum(c[r] for r in ("non_english", "contaminated",
+                                                                           "exact_duplicate", "near_duplicate"))
+    assert c["contaminated"] == 1 and c["exact_duplicate"] >= 15 and c["near_duplicate"] >= 55
+    from refinery.decontam import find_contaminated
+
+    memory = curate(table, profile, contaminated=find_contaminated(table, EVAL, profile.decontam.ngram))
+    got = fates(tmp_path / "out")
+    want = {r["id"]: ("kept",) for r in memory.kept.select(["id"]).to_pylist()}
+    want.update({r["id"]: (r["reason"], r["duplicate_of"]) for r in memory.rejected.to_pylist()})
+    assert got == want
+    index = DedupIndex.load(tmp_path / "out" / "dedup_index", profile.dedup)
+    assert len(index) == out.index_records == c["kept"] and sorted(index.ids) == sorted(memory.index.ids)
+    assert out.stats["dedup"]["largest_bucket"] >= 2
+
+
+def test_ray_two_workers_keep_what_one_process_keeps(corpus, tmp_path):
+    ray = pytest.importorskip("ray")
+    from refinery.datastage_ray import run_stage_ray
+
+    _, files = corpus
+    profile = with_engine(kind="ray", workers=2, batch_records=50)
+    local = run_stage(files["path"], tmp_path / "local", profile, map_fn=local_map(StageContext.build(profile, EVAL)))
+    try:
+        distributed = run_stage_ray(files["path"], tmp_path / "ray", profile, eval_texts=EVAL)
+    finally:
+        ray.shutdown()
+    assert fates(tmp_path / "ray") == fates(tmp_path / "local")
+    assert distributed.counts == local.counts and distributed.counts["near_duplicate"] >= 55
