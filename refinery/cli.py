@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from refinery.config import IngestConfig
 from refinery.formats import RecordError, detect_format, to_messages
 from refinery.ingest import SourceError, file_records
-from refinery.records import RECORD_SCHEMA, ROLES, record_id
+from refinery.records import RECORD_SCHEMA, ROLES, numeric_array, numpy_of, record_id, repeated_string
 
 CLI_INPUT_HELP = ("JSONL, JSON, Parquet or CSV: normalized records ('messages'), 'text' rows or records of any "
                   "of the six instruction formats")
@@ -79,52 +79,65 @@ _TEXT_LINE_COLUMNS = {"text", "id", "source", "format", "source_file", "license"
 
 def _read_text_lines(path: Path, max_record_bytes: int) -> pa.Table | None:
     """The common shape read by Arrow's multithreaded JSON reader: JSON lines whose every record is
-    ``{"text": str}`` with optional string id/source/... fields. Anything else (None) goes through
-    the record-by-record reader, which names the file, line and field of a bad record; the table
-    is the same either way (tests/test_dedup.py)."""
+    ``{"text": str}`` with optional string id/source/... fields, one object a line (empty lines
+    skipped). Anything else (None) goes through the record-by-record reader, which names the file,
+    line and field of a bad record; the table is the same either way (tests/test_dedup.py).
+    Columns are built from Arrow buffers: no Python object per record."""
     import pyarrow.json as pajson
 
     if path.suffix.lower() not in (".jsonl", ".ndjson") or not path.is_file():
         return None
     data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf") or b"\r" in data or b"\x00" in data or not data.lstrip().startswith(b"{"):
+    if not data.startswith(b"{") or b"\r" in data or b"\x00" in data or len(data) >= 2**31:
         return None
-    lines = data.split(b"\n")
-    numbers = [i for i, line in enumerate(lines, 1) if line.strip()]
-    raw = [lines[i - 1] for i in numbers]
-    if not raw or max(map(len, raw)) > max_record_bytes:
+    # the raw lines (Arrow splits the file's bytes); an empty line is not a record
+    whole = pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(np.array([0, len(data)])),
+                                                         pa.py_buffer(data)])
+    parts = pc.split_pattern(whole, pattern="\n").values
+    lines = np.flatnonzero(numpy_of(pc.binary_length(parts)))
+    raw = parts.slice(0, len(lines)) if len(lines) and lines[-1] == len(lines) - 1 else parts.take(numeric_array(lines))
+    # every record is one object on its own line: anything else takes the careful path
+    if (not len(lines) or not pc.all(pc.starts_with(raw, pattern="{")).as_py()
+            or int(pc.max(pc.binary_length(raw)).as_py()) > max_record_bytes):
         return None
     try:
         table = pajson.read_json(pa.py_buffer(data))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     names = set(table.column_names)
-    if ("text" not in names or not names <= _TEXT_LINE_COLUMNS or table.num_rows != len(raw)
-            or any(table[c].type != pa.string() or table[c].null_count or pc.any(pc.equal(table[c], "")).as_py()
+    n = table.num_rows
+    if ("text" not in names or not names <= _TEXT_LINE_COLUMNS or n != len(lines)
+            or any(table[c].type != pa.string() or table[c].null_count or _has_empty(table[c])
                    for c in names - {"text"})
             or table["text"].type != pa.string() or table["text"].null_count):
         return None
-    n = table.num_rows
     text = table["text"].combine_chunks()
     messages = pa.ListArray.from_arrays(
-        pa.array(np.arange(n + 1, dtype=np.int32)),
-        pa.StructArray.from_arrays([pa.array(["user"] * n, pa.string()), text], ["role", "content"]))
+        numeric_array(np.arange(n + 1, dtype=np.int32)),
+        pa.StructArray.from_arrays([repeated_string("user", n), text], ["role", "content"]))
+    try:
+        original = raw.cast(pa.large_string()).cast(pa.string())  # checks the UTF-8 of every byte
+    except pa.ArrowInvalid:
+        return None
     if "id" in names:
         ids = table["id"]
     else:
         ids = pa.array([record_id([{"role": "user", "content": t}]) for t in text.to_pylist()], pa.string())
 
-    def column(name: str, default: pa.Array) -> pa.Array:
-        return table[name] if name in names else default
+    def column(name: str, value: str) -> pa.Array:
+        return table[name] if name in names else repeated_string(value, n)
 
     return pa.table({
-        "id": ids, "source": column("source", pa.array([path.stem] * n, pa.string())),
-        "format": column("format", pa.array(["text"] * n, pa.string())),
-        "source_file": column("source_file", pa.array([str(path)] * n, pa.string())),
-        "source_line": pa.array(numbers, pa.int64()), "license": column("license", pa.array(["unknown"] * n, pa.string())),
-        "messages": messages.cast(RECORD_SCHEMA.field("messages").type),
-        "original": column("original", pa.array(raw, pa.binary()).cast(pa.string())),
+        "id": ids, "source": column("source", path.stem), "format": column("format", "text"),
+        "source_file": column("source_file", str(path)),
+        "source_line": numeric_array(lines.astype(np.int64) + 1),
+        "license": column("license", "unknown"),
+        "messages": messages.cast(RECORD_SCHEMA.field("messages").type), "original": original,
     }, schema=RECORD_SCHEMA)
+
+
+def _has_empty(column: pa.ChunkedArray) -> bool:
+    return any(numpy_of(pc.binary_length(chunk)).min(initial=1) == 0 for chunk in column.chunks)
 
 
 def _messages(row: dict, where: str) -> tuple[list[dict[str, str]], str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,7 +139,9 @@ class BaseModelConfig(_Strict):
     kind: Literal["smollm2_gguf", "tiny_random", "hub", "local"] = "smollm2_gguf"
     name: str = "SmolLM2-135M-Instruct"
     path: str | None = None  # for kind=local; a Hub id for kind=hub
-    token_env: str = "HF_TOKEN"  # the token is read from this variable, never stored
+    # the token is read from this variable, never stored; only kind=hub reads one (default HF_TOKEN),
+    # so no other base_model process is handed it
+    token_env: str | None = None
     # tiny_random: a Llama built from a config with the embedded tokenizer
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
@@ -151,6 +153,13 @@ class BaseModelConfig(_Strict):
     # dtype the folder is saved in. SmolLM2-135M, WikiText-2 2,048 tokens: fp32 541.6 MB, perplexity
     # 18.291; bf16 272.6 MB, 18.288 (bench/bench_gguf.py --dtypes)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hub_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "hub" and data.get("token_env") is None:
+            data = {**data, "token_env": "HF_TOKEN"}
+        return data
 
 
 class TrainConfig(_Strict):

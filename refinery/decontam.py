@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numba
 import numpy as np
 import pyarrow as pa
 
@@ -66,6 +67,12 @@ class NgramIndex:
         order = np.argsort(h, kind="stable")
         self.hashes, self.owners = h[order], o[order]
         self._table = K.hash_table(self.hashes)  # a lookup costs O(1), not a binary search
+        # every key starts with a window of the shortest n: those windows go into a Bloom filter of
+        # ~16 bits a key (a few MB, stays in cache), so most of a text's words skip the table
+        self.prefix = min([ngram, *self.short_lengths])
+        h, doc, word = _word_grams(batch, self.prefix)
+        keys = h[np.where(words[doc] >= ngram, word <= words[doc] - ngram, word == 0)]  # a key's first window
+        self._bits = K.bloom(keys, 1 << max(10, int(np.ceil(np.log2(max(len(keys), 1) / 4)))))
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -86,7 +93,8 @@ class NgramIndex:
         hit_key = np.zeros(len(texts), np.int64)
         hit_n = np.zeros(len(texts), np.int64)
         ns = np.array([self.ngram, *self.short_lengths], np.int64)  # full n-grams first, then short items
-        K.first_gram_hits(batch.cp, batch.starts, batch.ends, ns, _BASE, _SALT, *self._table, hit_word, hit_key, hit_n)
+        K.first_gram_hits(batch.cp, batch.starts, batch.ends, ns, self.prefix, _BASE, _SALT, self._bits, *self._table,
+                          hit_word, hit_key, hit_n, numba.get_num_threads())
         for t in np.flatnonzero(hit_word >= 0).tolist():  # rare: the words, for the report
             ws = batch.take(np.array([t])).texts()[0].split(" ")
             w, n = int(hit_word[t]), int(hit_n[t])

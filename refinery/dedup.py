@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from refinery import dedup_kernels as K
 from refinery.config import DedupConfig
-from refinery.records import TEXT_ROLES, joined_text, message_text
+from refinery.records import TEXT_ROLES, float_array, joined_array, message_text, numeric_array, numpy_of, string_array
 
 U64 = np.uint64
 INDEX_VERSION = 2  # 2: 128-bit exact keys, shingle hashes of refinery.dedup_kernels
@@ -60,18 +60,20 @@ VERIFY_CHUNK_CHARS = 8_000_000  # characters of text verified at once (memory: ~
 # ------------------------------------------------------------------------------------ normalize
 
 _TABLES: tuple[np.ndarray, np.ndarray] | None = None
+_TABLE_SIZE = 0x20000  # above: CJK extensions, tags, private use; no P*, space or case there
 # lower() is not one code point to one code point for these (U+0130 becomes two; a capital sigma
 # depends on its neighbours): texts that contain them are lower-cased by Python first
 _CONTEXT_LOWER = ("\u0130", "\u03a3")
+CHUNK_BYTES = 4_000_000  # text normalized and hashed at once: its buffers stay small and get reused
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:
     """(class, lower): code point -> 0 keep / K.PUNCT / K.SPACE, and code point -> lower case."""
     global _TABLES
     if _TABLES is None:  # built once per process (0.1 s)
-        cls = np.zeros(0x110000, np.uint8)
-        lower = np.arange(0x110000, dtype=np.uint32)
-        for c in range(0x20000):  # above: CJK extensions, tags, private use; no P*, space or case there
+        cls = np.zeros(_TABLE_SIZE, np.uint8)
+        lower = np.arange(_TABLE_SIZE, dtype=np.uint32)
+        for c in range(_TABLE_SIZE):
             ch = chr(c)
             if ch.isspace():
                 cls[c] = K.SPACE
@@ -80,6 +82,7 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
             low = ch.lower()
             if len(low) == 1:
                 lower[c] = ord(low)
+        cls[0] = K.PUNCT  # NUL is dropped
         _TABLES = cls, lower
     return _TABLES
 
@@ -106,6 +109,9 @@ class NormBatch:
     def chars(self) -> int:
         return int((self.ends - self.starts).sum())
 
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
     @classmethod
     def of(cls, texts: Sequence[str]) -> NormBatch:
         """Texts taken as they are (already normalized)."""
@@ -130,6 +136,55 @@ class NormBatch:
         K.gather(self.cp, self.starts, self.ends, rows, out, starts, ends)
         return NormBatch(out, starts, ends)
 
+    def view(self, rows: np.ndarray) -> NormBatch:
+        """The texts of ``rows`` without copying them (the code points stay shared)."""
+        return NormBatch(self.cp, self.starts[rows], self.ends[rows])
+
+    def utf8(self) -> Utf8Texts:
+        """The texts as UTF-8 (a quarter of the memory for ASCII; ``Utf8Texts.decode`` reverses it)."""
+        out = np.empty(4 * self.chars(), np.uint8)
+        offsets = np.empty(len(self) + 1, np.int64)
+        n = K.encode_utf8(self.cp, self.starts, self.ends, out, offsets)
+        return Utf8Texts(out[:n].copy(), offsets)
+
+
+@dataclass
+class Utf8Texts:
+    """Texts as UTF-8 bytes, NFKC already applied (``prepare``): text r is
+    ``data[offsets[r]:offsets[r + 1]]``. What normalization reads, in chunks, without Python strings."""
+
+    data: np.ndarray  # uint8
+    offsets: np.ndarray  # int64, len + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sizes(self) -> np.ndarray:
+        """Bytes per text (at least its number of code points)."""
+        return np.diff(self.offsets)
+
+    def normalize(self, rows: np.ndarray | None = None, *, plain: bool = False) -> NormBatch:
+        """The normalized texts of ``rows`` (all by default), in that order; ``plain``: decoded
+        only (texts that are normalized already)."""
+        rows = np.arange(len(self), dtype=np.int64) if rows is None else np.ascontiguousarray(rows, np.int64)
+        out = np.empty(int((self.offsets[rows + 1] - self.offsets[rows]).sum()), np.uint32)
+        starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
+        n = K.normalize_utf8(self.data, self.offsets, rows, *_tables(), plain, out, starts, ends)
+        return NormBatch(out[:n].copy() if n < len(out) // 2 else out[:n], starts, ends)
+
+    def decode(self, rows: np.ndarray | None = None) -> NormBatch:
+        return self.normalize(rows, plain=True)
+
+    def chunks(self, max_bytes: int = CHUNK_BYTES, max_rows: int | None = None) -> Iterator[np.ndarray]:
+        """Consecutive row ranges of at most ``max_bytes`` of text (and ``max_rows`` rows), at least one row each."""
+        n = len(self)
+        lo = 0
+        while lo < n:
+            hi = int(np.searchsorted(self.offsets, self.offsets[lo] + max_bytes, side="right")) - 1
+            hi = min(max(hi, lo + 1), n, lo + max_rows if max_rows else n)
+            yield np.arange(lo, hi, dtype=np.int64)
+            lo = hi
+
 
 def _code_points(text: str) -> np.ndarray:
     try:
@@ -138,19 +193,57 @@ def _code_points(text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
-def normalize_batch(texts: Sequence[str]) -> NormBatch:
-    """``normalize_text`` over a batch: NFKC per text where needed (C), then lower case,
-    punctuation and whitespace in one compiled pass over the code points of the texts joined by NUL."""
-    joined = "\x00".join(t if t.isascii() and "\x00" not in t else _nfkc(t) for t in texts)
-    cp = _code_points(joined)
-    out = np.empty(len(cp), np.uint32)
-    starts, ends = np.empty(max(len(texts), 1), np.int64), np.empty(max(len(texts), 1), np.int64)
-    n = K.normalize(cp, *_tables(), out, starts, ends)
-    return NormBatch(out[:n], starts[:len(texts)], ends[:len(texts)])
+def prepare(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> Utf8Texts:
+    """Texts (Python strings or an Arrow string column) as UTF-8 with NFKC applied where it
+    changes something: only non-ASCII texts go through Python (``unicodedata``), the rest is
+    Arrow's buffers as they are. NUL characters are dropped (here or by the compiled pass)."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+        arr = arr.cast(pa.large_string())
+        if arr.null_count:
+            arr = pc.fill_null(arr, "")
+        texts = _utf8_of_arrow(arr)
+        other = np.flatnonzero(~numpy_of(pc.string_is_ascii(arr)))
+        if not len(other):
+            return texts
+        data, offsets = memoryview(texts.data), texts.offsets
+        changed = {}
+        for i in other.tolist():
+            before = str(data[offsets[i]:offsets[i + 1]], "utf-8")
+            after = _nfkc(before)
+            if after != before:
+                changed[i] = after
+        if not changed:
+            return texts
+        mask = np.zeros(len(arr), bool)
+        mask[list(changed)] = True
+        return _utf8_of_arrow(pc.replace_with_mask(arr, numeric_array(mask),
+                                                   string_array(list(changed.values())).cast(pa.large_string())))
+    fixed = [t if t.isascii() else _nfkc(t) for t in texts]
+    try:
+        return _utf8_of_arrow(pa.array(fixed, pa.large_string()))
+    except (UnicodeEncodeError, pa.ArrowInvalid):  # lone surrogates (from surrogateescape): kept as they are
+        data = [t.encode("utf-8", "surrogatepass") for t in fixed]
+        offsets = np.zeros(len(data) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, data), np.int64, len(data)), out=offsets[1:])
+        return Utf8Texts(np.frombuffer(b"".join(data), np.uint8), offsets)
+
+
+def _utf8_of_arrow(arr: pa.Array) -> Utf8Texts:
+    """The buffers of a large_string array without nulls, as numpy views."""
+    _, off, data = arr.buffers()
+    offsets = np.frombuffer(off, np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    return Utf8Texts(np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8), offsets)
+
+
+def normalize_batch(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> NormBatch:
+    """``normalize_text`` over a batch: NFKC per text where needed (``prepare``), then lower
+    case, punctuation and whitespace in one compiled pass over the UTF-8 of the batch."""
+    return prepare(texts).normalize()
 
 
 def _nfkc(t: str) -> str:
-    t = t.replace("\x00", "")  # NUL separates the texts of a batch
+    t = t.replace("\x00", "")  # NUL is dropped (before NFKC: it would separate combining marks)
     t = t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)
     return t.lower() if any(c in t for c in _CONTEXT_LOWER) else t
 
@@ -523,13 +616,17 @@ class DedupResult:
     stats: dict[str, Any]
 
 
-def find_duplicates(ids: Sequence[str], texts: Sequence[str] | NormBatch, cfg: DedupConfig,
-                    existing: DedupIndex | None = None, *, normalized: bool = False) -> DedupResult:
+def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBatch, cfg: DedupConfig,
+                    existing: DedupIndex | None = None, *, normalized: bool = False,
+                    keep_index: bool = True) -> DedupResult:
     """Exact then near duplicates among ``texts`` and against ``existing`` (whose records always stay),
-    all in memory (the CLI, verification); refinery.datastage streams the same steps.
+    in one process (the CLI, verification); refinery.datastage streams the same steps.
 
-    ``texts`` are dedup keys (see ``dedup_key``); pass ``normalized=True`` (or a NormBatch) if they
-    already went through ``normalize_batch``.
+    ``texts`` are dedup keys (see ``dedup_key``), Python strings or an Arrow string column; pass
+    ``normalized=True`` (or a NormBatch) if they already went through ``normalize_batch``. Raw
+    texts are normalized and hashed ``CHUNK_BYTES`` at a time and normalized again for the pairs
+    to verify, so no code-point copy of the whole input is held. ``keep_index=False`` skips
+    building the extended index (a CLI run that does not save it).
     """
     t0, c0 = time.perf_counter(), time.process_time()
     n = len(ids)
@@ -538,20 +635,28 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | NormBatch, cfg: D
     if index.params != params:
         raise ValueError(f"existing index built with {index.params}, this run uses {params}; "
                          "load it with DedupIndex.load(dir, cfg) to rebuild its band keys")
-    batch = texts if isinstance(texts, NormBatch) else NormBatch.of(texts) if normalized else normalize_batch(texts)
-    t_norm = time.perf_counter()
     e = len(index)
+    if isinstance(texts, NormBatch) or normalized:
+        batch = texts if isinstance(texts, NormBatch) else NormBatch.of(texts)
+        t_norm = time.perf_counter()
+        feats = features(batch, cfg)
+        lengths, text_of = batch.lengths(), batch.take
+    else:
+        src = prepare(texts)
+        t_norm = time.perf_counter()
+        parts = [features(src.normalize(rows), cfg) for rows in src.chunks(max_rows=cfg.batch_size)]
+        feats = Features.concat(parts) if parts else features(NormBatch.of([]), cfg)
+        lengths, text_of = src.sizes(), src.normalize
+    t_sig = time.perf_counter()
 
     # 1. exact: the first occurrence (the existing corpus first) of a 128-bit key stays
-    exact = exact_keys(batch)
-    first = first_occurrence(np.concatenate([index.exact, exact]))[e:]
+    first = first_occurrence(np.concatenate([index.exact, feats.exact]))[e:]
     is_dup = first != np.arange(e, e + n)
     unique = np.flatnonzero(~is_dup)
     t_exact, c_exact = time.perf_counter(), time.process_time()
 
     # 2. near, over the exact-unique records; rows 0..e-1 are the existing corpus
-    new = features(batch.take(unique), cfg) if len(unique) < n else features(batch, cfg)
-    t_sig = time.perf_counter()
+    new = feats.take(unique)
     bands = np.concatenate([index.bands, new.bands]) if e else new.bands
     k = cfg.num_perm
     # the existing corpus keeps no sketch: its pairs are all verified (filled 0 skips the pre-filter)
@@ -563,11 +668,11 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | NormBatch, cfg: D
 
     def texts_of(rows: np.ndarray) -> NormBatch:
         old = rows[rows < e]
-        fresh = batch.take(unique[rows[rows >= e] - e])
+        fresh = text_of(unique[rows[rows >= e] - e])
         return NormBatch.concat([index.norm.take(old), fresh]) if len(old) else fresh
 
-    lengths = np.concatenate([index.norm.ends - index.norm.starts, (batch.ends - batch.starts)[unique]])
-    sims = verify_pairs(pairs, texts_of, Shingling.from_config(cfg), lengths)
+    all_lengths = np.concatenate([index.norm.lengths(), lengths[unique]])
+    sims = verify_pairs(pairs, texts_of, Shingling.from_config(cfg), all_lengths, cfg.verify_chunk_chars)
     t_verify = time.perf_counter()
     dup, sim = resolve(pairs, sims, cfg.threshold, e + len(unique))
 
@@ -589,16 +694,17 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | NormBatch, cfg: D
         status[i], dup_of[i], similarity[i] = "near_duplicate", id_of_row(int(dup[r])), float(sim[r])
         clusters.append({"kept_id": dup_of[i], "removed_id": ids[i], "kind": "near", "similarity": similarity[i]})
 
-    kept_rows = np.flatnonzero(dup[e:] < 0)
-    kept_idx = unique[kept_rows]
-    index.append([ids[i] for i in kept_idx.tolist()], exact[kept_idx], new.bands[kept_rows], batch.take(kept_idx))
+    if keep_index:
+        kept_rows = np.flatnonzero(dup[e:] < 0)
+        kept_idx = unique[kept_rows]
+        index.append([ids[i] for i in kept_idx.tolist()], feats.exact[kept_idx], new.bands[kept_rows], text_of(kept_idx))
     t_end, c_end = time.perf_counter(), time.process_time()
     verified = int((sims >= cfg.threshold).sum())
     stats = {"records": n, "existing": e, "bands": params["bands"], "rows": params["rows"], **cstats,
              "verified_pairs": verified, "rejected_candidates": int(len(pairs) - verified),
              "exact_duplicates": status.count("exact_duplicate"), "near_duplicates": status.count("near_duplicate"),
-             "seconds": {"normalize": t_norm - t0, "exact": t_exact - t_norm, "signatures": t_sig - t_exact,
-                         "candidates": t_cand - t_sig, "verify": t_verify - t_cand, "resolve": t_end - t_verify,
+             "seconds": {"prepare": t_norm - t0, "normalize_and_signatures": t_sig - t_norm, "exact": t_exact - t_sig,
+                         "candidates": t_cand - t_exact, "verify": t_verify - t_cand, "resolve": t_end - t_verify,
                          "total": t_end - t0},
              "cpu_seconds": {"exact": c_exact - c0, "near": c_end - c_exact}}
     return DedupResult(status, dup_of, similarity, clusters, index, stats)
@@ -637,8 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         table = read_input(args.input)
         existing = DedupIndex.load(args.existing, cfg) if args.existing else None
-        texts = joined_text(table["messages"], TEXT_ROLES[cfg.key], "\n")
-        result = find_duplicates(table["id"].to_pylist(), texts, cfg, existing)
+        texts = joined_array(table["messages"], TEXT_ROLES[cfg.key], "\n")
+        result = find_duplicates(table["id"].to_pylist(), texts, cfg, existing, keep_index=bool(args.save_index))
         seconds = time.perf_counter() - t0
         stats = result.stats
         summary = {"input": str(args.input), "records": table.num_rows, "kept": result.status.count("kept"),
@@ -648,9 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "config": cfg.model_dump(), "seconds": round(seconds, 3),
                    "records_per_second": round(table.num_rows / seconds, 1) if seconds else None}
         if args.out:
-            write_cli_output(table.append_column("status", pa.array(result.status, pa.string()))
-                             .append_column("duplicate_of", pa.array(result.duplicate_of, pa.string()))
-                             .append_column("similarity", pa.array(result.similarity, pa.float64())), args.out)
+            write_cli_output(table.append_column("status", string_array(result.status))
+                             .append_column("duplicate_of", string_array(result.duplicate_of))
+                             .append_column("similarity", float_array(result.similarity)), args.out)
             summary["out"] = str(args.out)
         if args.save_index:
             result.index.save(args.save_index)

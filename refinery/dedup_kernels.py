@@ -6,7 +6,10 @@ code next to this file (``cache=True``); the first call in a fresh checkout comp
 seconds), later processes load it.
 
 Every shingle is hashed by ``_span_hash`` (Horner over the code points, then MurmurHash3's
-finalizer), in signatures and in the exact Jaccard alike, so both see the same sets.
+finalizer), in signatures and in the exact Jaccard alike, so both see the same sets. Character
+n-grams compute the same values with a rolling update (O(1) a shingle, not O(n)).
+
+The kernels release the GIL (``nogil``), so a caller's thread can run them next to Python work.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ _P2 = np.uint64(0x9E3779B97F4A7C15)
 _S33 = np.uint64(33)
 _S32 = np.uint64(32)
 _S29 = np.uint64(29)
+_S40 = np.uint64(40)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _EMPTY = np.uint64(0xFFFFFFFF)  # a bin no shingle fell into (values are 32-bit)
 _SPACE_CP = np.uint32(32)
@@ -38,40 +42,80 @@ def _fmix(h):
     return h
 
 
-@nb.njit(cache=True)
-def normalize(cp, cls, lower, out, out_starts, out_ends):
-    """Lower-case (``lower``: code point -> code point), delete punctuation (class PUNCT), turn every
-    whitespace run into one space, trim. ``cp`` is the texts joined by NUL, already NFKC; returns
+@nb.njit(cache=True, nogil=True)
+def normalize_utf8(data, offsets, rows, cls, lower, plain, out, out_starts, out_ends):
+    """Texts ``rows`` of UTF-8 ``data`` (text r is ``data[offsets[r]:offsets[r + 1]]``, already
+    NFKC) as code points: lower case (``lower``), punctuation (class PUNCT) deleted, every
+    whitespace run turned into one space, trimmed, NUL dropped. ``plain``: decode only (text that
+    was normalized before). Surrogates (encoded with surrogatepass) decode as themselves. Returns
     the code points written."""
     o = 0
-    t = 0
-    out_starts[0] = 0
-    pending = False
-    for i in range(len(cp)):
-        c = cp[i]
-        if c == 0:  # the end of text t
-            out_ends[t] = o
-            t += 1
-            out_starts[t] = o
-            pending = False
-            continue
-        k = cls[c]
-        if k == PUNCT:
-            continue
-        if k == SPACE:
-            pending = o > out_starts[t]
-            continue
-        if pending:
-            out[o] = _SPACE_CP
-            o += 1
-            pending = False
-        out[o] = lower[c]
-        o += 1
-    out_ends[t] = o
+    ntab = len(cls)
+    for k in range(len(rows)):
+        i, end = offsets[rows[k]], offsets[rows[k] + 1]
+        first = o
+        out_starts[k] = o
+        while i < end:
+            b = np.uint32(data[i])
+            n = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if i + n > end:  # a cut sequence (not produced here): the byte stands for itself
+                n = 1
+            if n == 1:
+                c = b
+            elif n == 2:
+                c = ((b & 0x1F) << 6) | (data[i + 1] & 0x3F)
+            elif n == 3:
+                c = ((b & 0x0F) << 12) | ((data[i + 1] & 0x3F) << 6) | (data[i + 2] & 0x3F)
+            else:
+                c = ((b & 0x07) << 18) | ((data[i + 1] & 0x3F) << 12) | ((data[i + 2] & 0x3F) << 6) | (data[i + 3] & 0x3F)
+            i += n
+            if plain:
+                out[o] = c
+                o += 1
+                continue
+            kind = cls[c] if c < ntab else 0  # NUL is punctuation in the table: dropped
+            space = kind == SPACE
+            out[o] = _SPACE_CP if space else lower[c] if c < ntab else c
+            # written always, kept only if a character, or a space after a character (a run of spaces
+            # and punctuation keeps one; leading ones go): no branch on the class, which is unpredictable
+            o += np.int64((kind == 0) | (space & (o > first) & (out[o - 1] != _SPACE_CP)))
+        if o > first and out[o - 1] == _SPACE_CP:  # a trailing space goes too
+            o -= 1
+        out_ends[k] = o
     return o
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
+def encode_utf8(cp, starts, ends, out, out_offsets):
+    """The texts of a NormBatch as UTF-8 (surrogates as surrogatepass would write them); returns bytes written."""
+    o = 0
+    out_offsets[0] = 0
+    for t in range(len(starts)):
+        for i in range(starts[t], ends[t]):
+            c = cp[i]
+            if c < 0x80:
+                out[o] = c
+                o += 1
+            elif c < 0x800:
+                out[o] = 0xC0 | (c >> 6)
+                out[o + 1] = 0x80 | (c & 0x3F)
+                o += 2
+            elif c < 0x10000:
+                out[o] = 0xE0 | (c >> 12)
+                out[o + 1] = 0x80 | ((c >> 6) & 0x3F)
+                out[o + 2] = 0x80 | (c & 0x3F)
+                o += 3
+            else:
+                out[o] = 0xF0 | (c >> 18)
+                out[o + 1] = 0x80 | ((c >> 12) & 0x3F)
+                out[o + 2] = 0x80 | ((c >> 6) & 0x3F)
+                out[o + 3] = 0x80 | (c & 0x3F)
+                o += 4
+        out_offsets[t + 1] = o
+    return o
+
+
+@nb.njit(cache=True, nogil=True)
 def gather(cp, starts, ends, rows, out, out_starts, out_ends):
     """The texts ``rows`` of a batch, compacted into ``out``."""
     o = 0
@@ -83,7 +127,7 @@ def gather(cp, starts, ends, rows, out, out_starts, out_ends):
         out_ends[r] = o
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def exact_hashes(cp, starts, ends, out):
     """Two independent 64-bit hashes of each text (128 bits: a collision is not a practical concern)."""
     for t in range(len(starts)):
@@ -107,7 +151,7 @@ def _span_hash(cp, i, j, base, salt):
     return _fmix(h)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _shingles(cp, s, e, ngram, word, base, salt, buf):
     """Hashes of the character (or word) n-grams of cp[s:e] into buf; returns how many. A text
     shorter than one n-gram (the empty text too) is one shingle of itself."""
@@ -116,8 +160,20 @@ def _shingles(cp, s, e, ngram, word, base, salt, buf):
         if e - s < ngram:
             buf[0] = _span_hash(cp, s, e, base, salt)
             return 1
-        for i in range(s, e - ngram + 1):
-            buf[m] = _span_hash(cp, i, i + ngram, base, salt)
+        # _span_hash(i, i + n) = n * base^n + sum_k (cp[i + k] + salt) * base^(n - 1 - k) (mod 2^64):
+        # the sum rolls from one window to the next
+        top = np.uint64(1)
+        for _ in range(ngram - 1):
+            top *= base
+        head = np.uint64(ngram) * top * base
+        acc = np.uint64(0)
+        for x in range(s, s + ngram):
+            acc = acc * base + (np.uint64(cp[x]) + salt)
+        buf[0] = _fmix(head + acc)
+        m = 1
+        for i in range(s + 1, e - ngram + 1):
+            acc = (acc - (np.uint64(cp[i - 1]) + salt) * top) * base + (np.uint64(cp[i + ngram - 1]) + salt)
+            buf[m] = _fmix(head + acc)
             m += 1
         return m
     # word n-grams: a span from the start of word w to the end of word w + ngram - 1
@@ -145,7 +201,7 @@ def _shingles(cp, s, e, ngram, word, base, salt, buf):
     return m
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, parallel=True, nogil=True)
 def signatures(cp, starts, ends, ngram, word, base, salt, sig, filled, threads):
     """One-permutation MinHash with rotation densification: ``sig[t]`` (uint64[k]) and the number
     of bins that got a shingle of their own (``filled[t]``). Texts are split over the threads."""
@@ -155,7 +211,7 @@ def signatures(cp, starts, ends, ngram, word, base, salt, sig, filled, threads):
         _signatures(cp, starts, ends, ngram, word, base, salt, sig, filled, p * n // parts, (p + 1) * n // parts)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _signatures(cp, starts, ends, ngram, word, base, salt, sig, filled, lo, hi):
     k = sig.shape[1]
     longest = 1
@@ -164,15 +220,25 @@ def _signatures(cp, starts, ends, ngram, word, base, salt, sig, filled, lo, hi):
     buf = np.empty(longest, np.uint64)
     row = np.empty(k, np.uint64)
     kk = np.uint64(k)
+    top = np.uint64(1)
+    for _ in range(ngram):
+        top *= base
+    head = np.uint64(ngram) * top
     for t in range(lo, hi):
         row[:] = _EMPTY
-        m = _shingles(cp, starts[t], ends[t], ngram, word, base, salt, buf)
-        for x in range(m):
-            h = buf[x]
-            b = ((h >> _S32) * kk) >> _S32  # the high half picks the bin
-            v = h & _LOW32
-            if v < row[b]:
-                row[b] = v
+        s, e = starts[t], ends[t]
+        if word or e - s < ngram:
+            m = _shingles(cp, s, e, ngram, word, base, salt, buf)
+            for x in range(m):
+                _bin_min(row, buf[x], kk)
+        else:  # character n-grams, rolled here (the values of _shingles, without the buffer)
+            acc = np.uint64(0)
+            for x in range(s, s + ngram):
+                acc = acc * base + (np.uint64(cp[x]) + salt)
+            _bin_min(row, _fmix(head + acc), kk)
+            for i in range(s + ngram, e):
+                acc = acc * base + ((np.uint64(cp[i]) + salt) - (np.uint64(cp[i - ngram]) + salt) * top)
+                _bin_min(row, _fmix(head + acc), kk)
         f = 0
         for j in range(k):
             if row[j] != _EMPTY:
@@ -190,49 +256,80 @@ def _signatures(cp, starts, ends, ngram, word, base, salt, sig, filled, lo, hi):
             sig[t, j] = row[(j + d) % k] | (np.uint64(d) << _S32)
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, inline="always")
+def _bin_min(row, h, k):
+    b = ((h >> _S32) * k) >> _S32  # the high half picks the bin
+    row[b] = min(row[b], h & _LOW32)  # no branch: a third of the shingles lower their bin, unpredictably
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
 def jaccard(cp, starts, ends, pairs, ngram, word, base, salt, out, threads):
-    """Exact Jaccard of the shingle-hash sets of texts a and b for each (a, b) in ``pairs``: every
-    text's set once, sorted (parallel over texts), then one merge per pair (parallel over pairs)."""
+    """Exact Jaccard of the shingle-hash sets of texts a and b for each (a, b) in ``pairs`` (sorted
+    by a): each text's distinct count once (parallel over texts), then per pair a's set in an
+    open-addressing table (built once for a run of pairs with the same a) probed with b's
+    shingles, each matched entry counted once (parallel over pairs). Hashing, not sorting: a
+    shingle costs O(1)."""
     n = len(starts)
-    offsets = np.empty(n + 1, np.int64)
-    offsets[0] = 0
+    longest = 1
     for t in range(n):
-        offsets[t + 1] = offsets[t] + max(ends[t] - starts[t], 1)
-    flat = np.empty(offsets[n], np.uint64)
+        longest = max(longest, ends[t] - starts[t] + 1)
+    cap = 64
+    while cap < 2 * longest:
+        cap *= 2
     sizes = np.empty(n, np.int64)
     parts = min(n, 4 * threads)
     for p in nb.prange(parts):
-        lo, hi = p * n // parts, (p + 1) * n // parts
-        longest = 1
-        for t in range(lo, hi):
-            longest = max(longest, ends[t] - starts[t] + 1)
         buf = np.empty(longest, np.uint64)
-        for t in range(lo, hi):
+        slots = np.empty(cap, np.uint64)
+        stamp = np.zeros(cap, np.int64)
+        for t in range(p * n // parts, (p + 1) * n // parts):
             m = _shingles(cp, starts[t], ends[t], ngram, word, base, salt, buf)
-            srt = np.sort(buf[:m])
-            k = 0
-            o = offsets[t]
+            sizes[t] = _insert_all(buf, m, slots, stamp, t + 1)
+    m_pairs = len(pairs)
+    parts = min(m_pairs, 4 * threads)
+    for p in nb.prange(parts):
+        buf = np.empty(longest, np.uint64)
+        slots = np.empty(cap, np.uint64)
+        stamp = np.zeros(cap, np.int64)  # generation of the table's entry (one per a)
+        hit = np.zeros(cap, np.int64)  # pair that last matched the entry (counted once a pair)
+        gen = 0
+        cur = -1
+        mask = np.uint64(cap - 1)
+        for q in range(p * m_pairs // parts, (p + 1) * m_pairs // parts):
+            a, b = pairs[q, 0], pairs[q, 1]
+            if a != cur:
+                gen += 1
+                cur = a
+                m = _shingles(cp, starts[a], ends[a], ngram, word, base, salt, buf)
+                _insert_all(buf, m, slots, stamp, gen)
+            m = _shingles(cp, starts[b], ends[b], ngram, word, base, salt, buf)
+            inter = 0
             for x in range(m):
-                if x == 0 or srt[x] != srt[x - 1]:
-                    flat[o + k] = srt[x]
-                    k += 1
-            sizes[t] = k
-    for q in nb.prange(len(pairs)):
-        a, b = pairs[q, 0], pairs[q, 1]
-        i, j = offsets[a], offsets[b]
-        ie, je = i + sizes[a], j + sizes[b]
-        inter = 0
-        while i < ie and j < je:
-            if flat[i] == flat[j]:
-                inter += 1
-                i += 1
-                j += 1
-            elif flat[i] < flat[j]:
-                i += 1
-            else:
-                j += 1
-        out[q] = inter / max(sizes[a] + sizes[b] - inter, 1)
+                h = buf[x]
+                slot = h & mask
+                while stamp[slot] == gen and slots[slot] != h:
+                    slot = (slot + np.uint64(1)) & mask
+                if stamp[slot] == gen and hit[slot] != q + 1:
+                    hit[slot] = q + 1
+                    inter += 1
+            out[q] = inter / max(sizes[a] + sizes[b] - inter, 1)
+
+
+@nb.njit(cache=True, nogil=True)
+def _insert_all(buf, m, slots, stamp, gen):
+    """buf[:m] into the table (entries of generation ``gen``); returns the distinct count."""
+    mask = np.uint64(len(slots) - 1)
+    distinct = 0
+    for x in range(m):
+        h = buf[x]
+        slot = h & mask
+        while stamp[slot] == gen and slots[slot] != h:
+            slot = (slot + np.uint64(1)) & mask
+        if stamp[slot] != gen:
+            stamp[slot] = gen
+            slots[slot] = h
+            distinct += 1
+    return distinct
 
 
 @nb.njit(cache=True)
@@ -259,7 +356,7 @@ def pair_runs(pairs, lengths, budget):
     return np.array(ends, np.int64)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def band_pairs(order, keys, band, sig, filled, existing, threshold, z, min_filled, out, count):
     """Candidate pairs (earlier, later) of the bucket runs of ``keys[order, band]``: every pair of a
     bucket, not a sample, except pairs that already share an earlier band (found there), pairs of
@@ -314,7 +411,7 @@ def band_pairs(order, keys, band, sig, filled, existing, threshold, z, min_fille
     return out, count, comparisons, largest
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _word_hashes(cp, s, e, base, salt, wh):
     """The hash of each word of cp[s:e] (words split by single spaces) into wh; returns how many."""
     words = 0
@@ -335,7 +432,7 @@ def _gram(wh, w, n, base):
     return _fmix(h)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def word_grams(cp, starts, ends, n, base, salt, out_hash, out_doc, out_word):
     """Every window of ``n`` words of each text (words split by single spaces, as normalized):
     a hash of its words' hashes, the text and the window's first word; returns how many."""
@@ -353,7 +450,7 @@ def word_grams(cp, starts, ends, n, base, salt, out_hash, out_doc, out_word):
     return m
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def hash_table(keys):
     """An open-addressing set of ``keys`` (uint64): (slots, slot -> index into keys or -1)."""
     cap = 1024
@@ -372,28 +469,73 @@ def hash_table(keys):
     return slots, where
 
 
-@nb.njit(cache=True)
-def first_gram_hits(cp, starts, ends, ns, base, salt, slots, where, hit_word, hit_key, hit_n):
+@nb.njit(cache=True, nogil=True)
+def bloom(keys, words):
+    """A one-word-per-key Bloom filter: ``words`` uint64 (a power of two), two bits a key."""
+    bits = np.zeros(words, np.uint64)
+    for h in keys:
+        bits[(h >> _S40) & np.uint64(words - 1)] |= _bloom_mask(h)
+    return bits
+
+
+@nb.njit(cache=True, inline="always")
+def _bloom_mask(h):
+    return (np.uint64(1) << (h & np.uint64(63))) | (np.uint64(1) << ((h >> np.uint64(6)) & np.uint64(63)))
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def first_gram_hits(cp, starts, ends, ns, prefix, base, salt, bits, slots, where, hit_word, hit_key, hit_n, threads):
     """For each text, its first n-word window (n in ``ns``, in that order) whose hash is in the
     table: the window's first word, the index of the key it matched and n (hit_word -1: none).
-    A text's word hashes are computed once for every n."""
-    wh = np.empty(max(len(cp), 1), np.uint64)
+
+    Every key of the table starts with a ``prefix``-word window that is in the Bloom filter
+    ``bits``, so only the windows whose first ``prefix`` words pass it (rolled over the word
+    hashes: O(1) a word, and the filter, a few MB, stays in cache) are looked up in the table."""
+    n_texts = len(starts)
+    parts = min(n_texts, 4 * threads)
     mask = np.uint64(len(slots) - 1)
-    for t in range(len(starts)):
-        hit_word[t] = -1
-        if ends[t] <= starts[t]:
-            continue
-        words = _word_hashes(cp, starts[t], ends[t], base, salt, wh)
-        for n in ns:
-            for w in range(words - n + 1):
-                h = _gram(wh, w, n, base)
-                slot = h & mask
-                while where[slot] >= 0 and slots[slot] != h:
-                    slot = (slot + np.uint64(1)) & mask
-                if where[slot] >= 0:
-                    hit_word[t] = w
-                    hit_key[t] = where[slot]
-                    hit_n[t] = n
+    bmask = np.uint64(len(bits) - 1)
+    top = np.uint64(1)
+    for _ in range(prefix - 1):
+        top *= base
+    head = np.uint64(prefix) * top * base
+    for p in nb.prange(parts):
+        lo, hi = p * n_texts // parts, (p + 1) * n_texts // parts
+        longest = 1
+        for t in range(lo, hi):
+            longest = max(longest, ends[t] - starts[t] + 1)
+        wh = np.empty(longest, np.uint64)
+        cand = np.empty(longest, np.int64)
+        for t in range(lo, hi):
+            hit_word[t] = -1
+            if ends[t] <= starts[t]:
+                continue
+            words = _word_hashes(cp, starts[t], ends[t], base, salt, wh)
+            found = 0  # windows whose prefix passes the filter, in order
+            acc = np.uint64(0)
+            for w in range(words):
+                if w >= prefix:
+                    acc -= wh[w - prefix] * top
+                acc = acc * base + wh[w]
+                if w >= prefix - 1:
+                    h = _fmix(head + acc)  # == _gram(wh, w - prefix + 1, prefix, base)
+                    want = _bloom_mask(h)
+                    if bits[(h >> _S40) & bmask] & want == want:
+                        cand[found] = w - prefix + 1
+                        found += 1
+            for n in ns:
+                for c in range(found):
+                    w = cand[c]
+                    if w + n > words:
+                        break
+                    h = _gram(wh, w, n, base)
+                    slot = h & mask
+                    while where[slot] >= 0 and slots[slot] != h:
+                        slot = (slot + np.uint64(1)) & mask
+                    if where[slot] >= 0:
+                        hit_word[t] = w
+                        hit_key[t] = where[slot]
+                        hit_n[t] = n
+                        break
+                if hit_word[t] >= 0:
                     break
-            if hit_word[t] >= 0:
-                break

@@ -480,18 +480,20 @@ def pareto(models: list[dict[str, Any]]) -> dict[str, Any]:
     smaller = [m for m in pts if m["role"] == "baseline" and m["zst_bytes"] <= shipped["zst_bytes"]]
     dominated_by = [m["label"] for m in smaller if m["fidelity"]["kld_mean"]["ci_high"] < kld["ci_low"]]
     best = min(smaller, key=lambda m: m["fidelity"]["kld_mean"]["value"], default=None)
-    if best is None:
-        sentence = (f"No plain llama.cpp quantization tried is as small as the shipped file "
-                    f"({shipped['zst_bytes']:,} bytes packed); the smallest is "
-                    f"{min((m for m in pts if m['role'] == 'baseline'), key=lambda m: m['zst_bytes'])['label']}.")
+    # with none as small, the comparison is with the smallest plain quantization (a little larger)
+    other = best or min((m for m in pts if m["role"] == "baseline"), key=lambda m: m["zst_bytes"], default=None)
+    if other is None:
+        sentence = "No plain llama.cpp quantization was made to compare with (profile baselines)."
     else:
-        b = best["fidelity"]["kld_mean"]
+        b = other["fidelity"]["kld_mean"]
         verdict = ("lower, intervals apart" if kld["ci_high"] < b["ci_low"] else
                    "higher, intervals apart" if b["ci_high"] < kld["ci_low"] else "not separable")
+        which = ("the best plain llama.cpp quantization at no more bytes" if best is not None else
+                 "no plain llama.cpp quantization tried is as small; the smallest")
         sentence = (f"At {shipped['zst_bytes']:,} bytes packed, the chain's file has a mean KL divergence of "
-                    f"{kld['value']:.4f} [{kld['ci_low']:.4f}, {kld['ci_high']:.4f}] from {BASELINE}; the best plain "
-                    f"llama.cpp quantization at no more bytes, {best['label']} ({best['zst_bytes']:,} bytes), has "
-                    f"{b['value']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}]: the chain's is {verdict}.")
+                    f"{kld['value']:.4f} [{kld['ci_low']:.4f}, {kld['ci_high']:.4f}] from {BASELINE}; {which}, "
+                    f"{other['label']} ({other['zst_bytes']:,} bytes), has {b['value']:.4f} "
+                    f"[{b['ci_low']:.4f}, {b['ci_high']:.4f}]: the chain's is {verdict}.")
     return {"frontier": frontier, "shipped_on_frontier": SHIPPED in frontier, "dominated_by": dominated_by,
             "best_plain_at_size": None if best is None else best["label"], "sentence": sentence}
 

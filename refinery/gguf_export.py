@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -401,10 +402,16 @@ def convert_to_gguf(model_dir: Path, out_path: Path, gguf_type: str, *,
                          weight_grid=grid["type"] if grid else None)
         log(f"gguf: writing {out_path.name} ({gguf_type}; tensors by type {types}; {on_grid} of {quantized} "
             "quantized tensors carry their int4 grid over exactly)")
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as err:  # numpy's short write says neither the file nor why
+            written = tmp.stat().st_size if tmp.exists() else 0
+            free = shutil.disk_usage(tmp.parent).free
+            message = f"writing {out_path}: {err} ({written:,} bytes written, {free:,} bytes free on its disk)"
+            raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
     del model
     return out_path
 

@@ -90,19 +90,75 @@ def joined_text(messages: pa.ChunkedArray | pa.Array, roles: Sequence[str], sep:
                 max_chars: int | None = None) -> list[str]:
     """``message_text`` of every record of a MESSAGE_TYPE column, cut to ``max_chars``, with Arrow
     kernels (no Python dict per message)."""
+    return joined_array(messages, roles, sep, max_chars).to_pylist()
+
+
+def joined_array(messages: pa.ChunkedArray | pa.Array, roles: Sequence[str], sep: str,
+                 max_chars: int | None = None) -> pa.Array:
+    """``joined_text`` as an Arrow string array (no Python string per record)."""
     if isinstance(messages, pa.ChunkedArray):
         messages = messages.combine_chunks()
     n = len(messages)
     flat = pc.list_flatten(messages)
-    parents = pc.list_parent_indices(messages).to_numpy()
-    keep = pc.is_in(flat.field("role"), pa.array(list(roles))).to_numpy(zero_copy_only=False)
+    parents = numpy_of(pc.list_parent_indices(messages))
+    keep = numpy_of(pc.is_in(flat.field("role"), value_set=string_array(list(roles))))
+    if (max_chars is None and keep.all() and flat.field("content").null_count == 0
+            and len(parents) == n and (np.bincount(parents, minlength=n) == 1).all()):
+        return flat.field("content")  # one kept turn a record (text rows): its content as it is
     contents = pc.fill_null(flat.field("content").filter(pa.array(keep)), "")
     counts = np.bincount(parents[keep], minlength=n)
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     joined = pc.fill_null(pc.binary_join(pa.ListArray.from_arrays(offsets, contents), sep), "")
     if max_chars is not None:
         joined = pc.utf8_slice_codeunits(joined, 0, max_chars)
-    return joined.to_pylist()
+    return joined
+
+
+# Arrays built from buffers: pa.array checks its input against pandas types, which imports pandas
+# (0.2-0.4 s a process); the command-line tools never need it.
+def numeric_array(values: np.ndarray) -> pa.Array:
+    """A 1-D numpy array of numbers or booleans as an Arrow array (no nulls)."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == bool:
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def numpy_of(arr: pa.Array) -> np.ndarray:
+    """A numeric or boolean Arrow array without nulls as numpy (``to_numpy`` imports pandas too)."""
+    if arr.null_count:
+        raise ValueError("numpy_of: the array has nulls")
+    data = arr.buffers()[1]
+    if arr.type == pa.bool_():
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+        return bits[arr.offset:arr.offset + len(arr)].astype(bool)
+    return np.frombuffer(data, arr.type.to_pandas_dtype())[arr.offset:arr.offset + len(arr)]
+
+
+def string_array(values: Sequence[str | None]) -> pa.Array:
+    """Python strings (None: null) as an Arrow string array."""
+    data = [v.encode("utf-8") if v is not None else b"" for v in values]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, data), np.int64, len(data)), out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.LargeStringArray.from_buffers(len(data), pa.py_buffer(offsets), pa.py_buffer(b"".join(data)),
+                                            bitmap).cast(pa.string())
+
+
+def float_array(values: Sequence[float | None]) -> pa.Array:
+    """Python floats (None: null) as an Arrow float64 array."""
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    data = np.fromiter((v if v is not None else 0.0 for v in values), np.float64, len(values))
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.float64(), len(values), [bitmap, pa.py_buffer(data)])
+
+
+def repeated_string(value: str, n: int) -> pa.Array:
+    """``n`` times the same string."""
+    data = value.encode("utf-8")
+    return pa.StringArray.from_buffers(n, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * len(data)),
+                                       pa.py_buffer(data * n))
 
 
 def write_table(path: Path, rows: Iterable[dict[str, Any]] | pa.Table, schema: pa.Schema) -> int:

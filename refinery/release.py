@@ -107,7 +107,9 @@ def check_retention(report: dict[str, Any]) -> GateResult:
         rows.append({"task": task, "threshold": threshold, "retention": r.get("value"), "ci_low": low,
                      "ci_high": r.get("ci_high"), "passed": ok, "note": r.get("note", "")})
         if not ok:
-            failed.append(f"{task} keeps {r.get('value')} of {BASELINE}'s score (lower bound {low}), below {threshold}")
+            kept = "an undefined share" if r.get("value") is None else f"{r['value']:.3f}"
+            bound = "undefined" if low is None else f"{low:.3f}"
+            failed.append(f"{task} keeps {kept} of {BASELINE}'s score (lower bound {bound}), below {threshold}")
     return GateResult("retention_meets_thresholds", not failed, {"stage": SHIPPED, "baseline": BASELINE,
                                                                  "tasks": rows}, "; ".join(failed))
 

@@ -128,7 +128,8 @@ def summary(instance: Any, run_id: str, home: Path) -> tuple[str, int]:
                          f"{materialized['release']['path']}/README.md; report: "
                          f"{materialized['benchmark_report'].get('path', '?')}/report.md"), 0
     elif blocked:
-        reasons = " ".join(f"Check {asset}:{name} failed" + (f": {why}" if why else ".") for asset, name, why in blocked)
+        reasons = " ".join(f"Check {asset}:{name} failed" + (f": {why.rstrip('.')}." if why else ".")
+                           for asset, name, why in blocked)
         verdict, code = (f"NOT RELEASED. {reasons} The benchmark report (benchmark_report's report.md) has every "
                          "measurement behind this."), 2
     else:

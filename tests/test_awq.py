@@ -72,11 +72,12 @@ def test_saved_pack_quantized_4bit_with_the_group_size(quantized):
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized"
     weights = qc["config_groups"]["group_0"]["weights"]
-    assert weights["num_bits"] == 4 and weights["group_size"] == GROUP and weights["symmetric"] is False
+    # W4A16: symmetric groups of 32, llama.cpp's Q4_0 block (gguf.type auto carries it over exactly)
+    assert weights["num_bits"] == 4 and weights["group_size"] == GROUP and weights["symmetric"] is True
     assert "lm_head" in qc["ignore"]
     m = quantized.manifest["metrics"]
     assert m["nominal_weight_bits"] == 4 and m["group_size"] == GROUP and m["quantized"]
-    # 4 bits + a scale and a zero point per group of 32, measured from the file
+    # 4 bits + a scale (and a zero point, stored even when symmetric) per group of 32, from the file
     assert 4.0 < m["bits_per_linear_weight"] < 6.0
     assert m["bytes_on_disk"] < m["bytes_on_disk_input"]
     recipe = yaml.safe_load((quantized.path / "recipe.yaml").read_text())

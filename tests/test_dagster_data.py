@@ -123,12 +123,16 @@ def test_data_job_records_statistics_and_history(materialized, first_data_run):
     assert query(refinery_home, "SELECT count(*) FROM quarantine")[0][0] == 3
     assert query(refinery_home, "SELECT count(*) FROM duplicate_clusters")[0][0] == 20
 
+    # the same files again: the content-named artifacts are reused (nothing is done twice), and the
+    # statistics stay one row per artifact version, now naming the run that last materialized it
     second = run_job(defs, "data", instance)
     assert second.success
-    history = query(refinery_home, """SELECT asset, count(*), count(DISTINCT artifact_version), count(DISTINCT run_id)
+    assert metadata(instance, "raw_corpus")["version"] == raw["version"]
+    assert metadata(instance, "deduped_corpus")["version"] == dedup["version"]
+    history = query(refinery_home, """SELECT asset, count(*), count(DISTINCT artifact_version), max(run_id)
                                       FROM materializations GROUP BY asset ORDER BY asset""")
-    assert history == [("deduped_corpus", 2, 2, 2), ("raw_corpus", 2, 2, 2)]
-    assert query(refinery_home, "SELECT count(*) FROM source_stats")[0][0] == 12
+    assert history == [("deduped_corpus", 1, 1, second.run_id), ("raw_corpus", 1, 1, second.run_id)]
+    assert query(refinery_home, "SELECT count(*) FROM source_stats")[0][0] == 6
 
 
 def test_failing_english_share_check_blocks_downstream(refinery_home, instance, tmp_path):

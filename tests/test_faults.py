@@ -14,6 +14,7 @@ the kills are drawn from and the files every later run must reproduce byte for b
   the file; through Dagster the blocking ``artifact_intact`` check fails and gguf_zst does not run;
   a damaged artifact of the stage itself is set aside and made again.
 - Two writers of the same stage and version at once: both succeed, one intact artifact.
+- A writer in another PID namespace (another pod or host on a shared home): open, a strict xfail.
 
 Seeded (SEED); the figures are printed (``pytest -s``) and quoted in docs/reliability.md.
 """
@@ -43,7 +44,7 @@ from refinery.config import load_profile
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20261201
 STAGE = "gguf_zst"
-KILLS = 6
+KILLS = 5
 
 
 def _figures(name: str, figures: dict) -> None:
@@ -159,7 +160,8 @@ def test_sigkill_at_random_points_leaves_nothing_finished_and_the_next_run_publi
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         debris = [d for d in _staging(home) if f"-{proc.pid}-" in d.name]
-        kills.append({"at": round(fraction, 2), "pid": proc.pid, "log": len(logs) - 1, "staging": [d.name for d in debris],
+        kills.append({"at": round(fraction, 2), "pid": proc.pid, "log": len(logs) - 1,
+                      "staging": [d.name for d in debris],
                       "bytes_written": sum(f.stat().st_size for d in debris for f in d.rglob("*") if f.is_file())})
         # what looks finished must be whole (_finished verifies it): only a kill after the publish
         # (the rename) leaves an artifact, and then it is the reference's
@@ -176,16 +178,18 @@ def test_sigkill_at_random_points_leaves_nothing_finished_and_the_next_run_publi
     assert _staging(home) == []
     # every killed writer's staging directory was removed by a later start, which said so
     outputs = [log.read_text() for log in logs] + [final.stdout]
+    reported = 0
     for kill in kills:
         for name in kill["staging"]:
             assert any("removed stale staging directory" in out and name in out and f"pid {kill['pid']} is gone" in out
                        for out in outputs[kill["log"] + 1:]), f"nobody reported removing {name}"
+            reported += 1
     left = [k for k in kills if k["staging"]]
     _figures("sigkill", {"seed": SEED, "kills": len(kills), "run_seconds": round(reference["seconds"], 1),
                          "killed_at": [k["at"] for k in kills], "left_staging": len(left),
                          "staging_bytes": [k["bytes_written"] for k in kills],
                          "killed_after_publish": sum(k["after_publish"] for k in kills),
-                         "finished_looking_but_damaged": 0, "debris_removed_with_a_log_line": len(left),
+                         "finished_looking_but_damaged": 0, "debris_removed_with_a_log_line": reported,
                          "runs_that_ended_before_their_kill": finished_first, "final_identical_to_reference": True})
     assert len(kills) == KILLS and left, "no kill landed while the stage was writing: the test tested nothing"
 
@@ -206,6 +210,7 @@ def test_full_disk_while_writing_the_model_fails_clearly_and_a_rerun_publishes(a
     assert proc.returncode == 1, proc.stderr[-3000:]  # an exception, not a signal
     assert "gguf: writing model.gguf" in proc.stdout  # it got to the write
     assert last.startswith("OSError"), proc.stderr[-3000:]
+    assert "model.gguf" in last and "bytes written" in last and "bytes free" in last, last  # says what and where
     assert _finished(home) == [] and _staging(home) == []  # nothing published, the partial write removed
     assert not (home / "artifacts" / STAGE / "LATEST").exists()
 
@@ -268,11 +273,12 @@ def test_a_flipped_byte_fails_the_blocking_intact_check_and_downstream_does_not_
     _flip(damaged.path / "model" / "model.safetensors", random.Random(SEED))
     assets = [a for a in stage_assets if a.key.path[-1] in ("awq_model", STAGE)]
     check = next(c for c in intact_checks if dg.AssetKey("awq_model") in {k.asset_key for k in c.check_keys})
+    resources = {"refinery": RefineryResource(profile="smoke", home=str(home)), "pipes": subprocess_client(),
+                 "duckdb": dg.ResourceDefinition.none_resource()}
+    selection = dg.AssetSelection.checks(check) | dg.AssetSelection.assets(STAGE)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = dg.materialize([*assets, check], selection=dg.AssetSelection.checks(check) | dg.AssetSelection.assets(STAGE),
-                                instance=instance, raise_on_error=False, resources={
-                                    "refinery": RefineryResource(profile="smoke", home=str(home)),
-                                    "pipes": subprocess_client(), "duckdb": dg.ResourceDefinition.none_resource()})
+        result = dg.materialize([*assets, check], selection=selection, instance=instance, resources=resources,
+                                raise_on_error=False)
     [evaluation] = result.get_asset_check_evaluations()
     assert evaluation.check_name == "artifact_intact" and evaluation.passed is False
     assert evaluation.metadata["mismatched"].value == "model/model.safetensors"
@@ -306,3 +312,25 @@ def test_two_writers_of_the_same_stage_at_once_publish_one_intact_artifact(awq, 
     assert _staging(home) == []
     _figures("concurrent_writers", {"writers": 2, "exit_codes": codes, "artifacts": 1, "intact": True,
                                     "staging_left": 0, "seconds": [s["seconds"] for s in summaries]})
+
+
+@pytest.mark.xfail(strict=True, reason="open: clean_stale_staging judges a writer by its pid on this machine only; "
+                   "on a REFINERY_HOME shared by pods or hosts (docs/cluster.md) it removes a live writer's staging")
+def test_a_writer_in_another_pid_namespace_keeps_its_staging(tmp_path):
+    """A start in another PID namespace (another pod or host on the same REFINERY_HOME) must not
+    remove the staging directory of a writer that is still running."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to make a PID namespace")
+    code = ("import sys, time; from pathlib import Path; from refinery.artifacts import staged_artifact\n"
+            "with staged_artifact('s', home=Path(sys.argv[1])) as st:\n"
+            "    print(st.path.name, flush=True); time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        name = writer.stdout.readline().strip()
+        subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                        "import sys; from pathlib import Path; from refinery.artifacts import clean_stale_staging; "
+                        "clean_stale_staging(Path(sys.argv[1]))", str(tmp_path)], cwd=ROOT, check=True)
+        assert (tmp_path / "artifacts" / "s" / name).is_dir(), "a live writer's staging directory was removed"
+    finally:
+        writer.kill()
+        writer.wait()

@@ -203,7 +203,11 @@ def test_compressed_tensors_and_sparse_folders_convert(tiny, tmp_path):
 
 
 def test_gguf_zst_stage(tiny, tmp_path):
-    profile = load_profile("smoke")
+    smoke = load_profile("smoke")
+    # tiny is dense float: ``auto`` finds no 4-bit grid to carry over and says so before any work
+    with pytest.raises(gguf_export.GGUFExportError, match=r"gguf\.type: auto .* has none"):
+        gguf_export.build(smoke, inputs={"awq_model": tiny}, home=tmp_path / "h", log=quiet)
+    profile = smoke.model_copy(update={"gguf": smoke.gguf.model_copy(update={"type": "Q4_0"})})
     art = gguf_export.build(profile, inputs={"awq_model": tiny}, home=tmp_path / "h", log=quiet)
     m = art.manifest["metrics"]
     assert (art.path / "model.gguf").is_file() and (art.path / "model.gguf.zst").is_file()

@@ -79,21 +79,25 @@ def _reader_chunks(reader) -> Iterator[bytes]:
         yield from iter(lambda: reader.read(CHUNK), b"")
 
 
+def _copy_store(path: Path, wal_suffix: str, into: Path) -> Path:
+    """A copy of a database file and its write-ahead log, to open as the writer left it."""
+    for suffix in ("", wal_suffix):
+        if path.with_name(path.name + suffix).exists():
+            shutil.copyfile(path.with_name(path.name + suffix), into / (path.name + suffix))
+    return into / path.name
+
+
 def _sqlite_hits(path: Path, needles: tuple[bytes, ...], counts: Counter) -> list[str]:
     """Every column of every table, as bytes (a long text spills over pages a byte scan sees cut)."""
-    with tempfile.TemporaryDirectory() as tmp:  # a copy with its WAL: read as the writer left it
-        copy = Path(tmp) / path.name
-        for suffix in ("", "-wal"):
-            if path.with_name(path.name + suffix).exists():
-                shutil.copyfile(path.with_name(path.name + suffix), copy.with_name(copy.name + suffix))
-        conn = sqlite3.connect(copy)
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(_copy_store(path, "-wal", Path(tmp)))
         try:
             hits = []
             for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
                 counts["sqlite_rows"] += conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
                 for column in [row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')]:
-                    found = sum(conn.execute(f'SELECT count(*) FROM "{table}" WHERE instr(CAST("{column}" AS BLOB), ?) > 0',
-                                             [needle]).fetchone()[0] for needle in needles)
+                    query = f'SELECT count(*) FROM "{table}" WHERE instr(CAST("{column}" AS BLOB), ?) > 0'
+                    found = sum(conn.execute(query, [needle]).fetchone()[0] for needle in needles)
                     if found:
                         hits.append(f"sqlite {table}.{column}")
             return hits
@@ -104,12 +108,8 @@ def _sqlite_hits(path: Path, needles: tuple[bytes, ...], counts: Counter) -> lis
 def _duckdb_hits(path: Path, needles: tuple[bytes, ...], counts: Counter) -> list[str]:
     """Every column of every table cast to text (DuckDB compresses strings on disk)."""
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / path.name
-        for suffix in ("", ".wal"):
-            if path.with_name(path.name + suffix).exists():
-                shutil.copyfile(path.with_name(path.name + suffix), copy.with_name(copy.name + suffix))
         hits = []
-        with duckdb.connect(str(copy)) as conn:
+        with duckdb.connect(str(_copy_store(path, ".wal", Path(tmp)))) as conn:
             columns = conn.execute("""SELECT c.table_schema, c.table_name, c.column_name, c.data_type
                 FROM information_schema.columns c JOIN information_schema.tables t
                   ON c.table_schema = t.table_schema AND c.table_name = t.table_name
