@@ -225,21 +225,28 @@ def _plt():
 
 def pareto_figure(doc: dict[str, Any]):
     """Mean KL divergence and perplexity against .zst bytes for every scored GGUF, with their
-    intervals; the KLD Pareto frontier joined."""
+    intervals; the KLD Pareto frontier joined; and the KLD of the files within 10 % of the
+    shipped file's size on a linear scale, where the release is decided."""
     plt = _plt()
     models = [m for m in doc["models"] if m.get("fidelity") and m.get("zst_bytes")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    shipped = next((m for m in models if m["label"] == doc.get("shipped")), None)
+    near = [m for m in models if shipped and abs(m["zst_bytes"] / shipped["zst_bytes"] - 1) <= 0.1]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     colors = {"reference": "black", "chain": "tab:red", "baseline": "grey"}
-    for ax, metric, title in ((axes[0], "kld_mean", "mean KL divergence from qlora_model"),
-                              (axes[1], "perplexity", "perplexity (held-out token set)")):
-        for m in models:
+    panels = ((axes[0], models, "kld_mean", "mean KL divergence from qlora_model", True),
+              (axes[1], near, "kld_mean", "mean KLD, files within 10 % of the shipped size", False),
+              (axes[2], models, "perplexity", "perplexity (held-out token set)", False))
+    for ax, shown, metric, title, log in panels:
+        for i, m in enumerate(sorted(shown, key=lambda m: m["zst_bytes"])):
             v = m["fidelity"][metric]
-            y = max(v["value"], 1e-5) if metric == "kld_mean" else v["value"]
-            ax.errorbar(m["zst_bytes"], y, yerr=[[max(y - max(v["ci_low"], 1e-5), 0)], [max(v["ci_high"] - y, 0)]],
+            y = max(v["value"], 1e-5) if log else v["value"]
+            ax.errorbar(m["zst_bytes"], y, yerr=[[max(y - max(v["ci_low"], 1e-5 if log else v["ci_low"]), 0)],
+                                                 [max(v["ci_high"] - y, 0)]],
                         fmt="o" if m["role"] == "chain" else "s", capsize=3, color=colors.get(m["role"], "grey"))
+            # alternate the labels' side: the files near one size crowd together
             ax.annotate(m["label"].replace("qlora_model.", ""), (m["zst_bytes"], y), textcoords="offset points",
-                        xytext=(4, 3), fontsize=7)
-        if metric == "kld_mean":
+                        xytext=(5, 4) if i % 2 == 0 else (5, -10), fontsize=7)
+        if metric == "kld_mean" and log:
             front = [next(m for m in models if m["label"] == label) for label in doc["pareto"]["frontier"]]
             ax.plot([m["zst_bytes"] for m in front], [max(m["fidelity"][metric]["value"], 1e-5) for m in front],
                     "--", color="black", lw=0.8, label="Pareto frontier")
