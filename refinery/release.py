@@ -35,7 +35,7 @@ import yaml
 from refinery.artifacts import Artifact, load_artifact, sha256_file, staged_artifact
 from refinery.config import Profile
 from refinery.evaluate import load_report, pareto
-from refinery.stages import BASELINE, SHIPPED, STAGES
+from refinery.stages import BASELINE, SHIPPED, STAGES, code_version
 
 STAGE = "release"
 
@@ -367,9 +367,16 @@ def _inputs_of(report_art: Artifact) -> dict[str, Artifact]:
     return out
 
 
+def release_version(report_version: str, profile: Profile) -> str:
+    """The bundle's identity: the report it ships, the code that writes it, the release settings."""
+    key = json.dumps([report_version, code_version("refinery.release"), profile.release.model_dump()], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Callable[[str], Any] = print) -> Artifact:
     """Check every gate again (from the report's recorded thresholds) and, when all pass, publish
-    the release bundle. Its version is the report's: one report, one release."""
+    the release bundle. Its version comes from the report's, this module's code and the release
+    settings: a change to what writes the bundle (the card, the Modelfile) makes a new one."""
     report_art = inputs["benchmark_report"]
     report = load_report(report_art.path)
     results = gates(report)
@@ -381,7 +388,7 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log: Cal
     recipe_stages = [s.name for s in STAGES if s.produces != "none"]
     with staged_artifact(STAGE, config={"release": profile.release.model_dump(), "profile": profile.name},
                          inputs={"benchmark_report": report_art.ref()}, home=home,
-                         version=report_art.version) as st:
+                         version=release_version(report_art.version, profile)) as st:
         log(f"release: copying {rc['gguf_zst']}")
         shutil.copyfile(rc["gguf_zst"], st.path / "model.gguf.zst")
         recipes = []

@@ -140,7 +140,7 @@ def test_release_bundle_contents(refinery_home, upstream, tmp_path):
     assert {"model.gguf.zst", "README.md", "Modelfile", "SHA256SUMS", "report.json", "report.md", "pareto.png",
             "recipes/qlora_model.axolotl.yaml", "recipes/pruned_model.recipe.yaml", "recipes/awq_model.recipe.yaml",
             f"lm_eval/{SHIPPED}/results.0.json"} <= files
-    assert art.version == rep.version  # one report, one release
+    assert art.manifest["metrics"]["report_version"] == rep.version and art.version != rep.version
     source = upstream[SHIPPED].manifest["files"]["model.gguf.zst"]["sha256"]
     assert art.manifest["files"]["model.gguf.zst"]["sha256"] == source
     for line in (art.path / "SHA256SUMS").read_text().splitlines():
@@ -205,7 +205,8 @@ def test_editing_the_profile_after_the_report_changes_no_verdict(refinery_home, 
     strict = load_profile(str(write_profile(tmp_path / "strict.yaml", max_kld=0.01, min_retention=0.99,
                                             max_bytes=10)))
     passing = make_report(refinery_home, upstream, lenient, shipped_kld=0.3)
-    assert build(strict, inputs={"benchmark_report": passing}, home=refinery_home).version == passing.version
+    assert build(strict, inputs={"benchmark_report": passing}, home=refinery_home).manifest["metrics"][
+        "report_version"] == passing.version
     blocked = make_report(refinery_home, upstream, strict)
     with pytest.raises(ReleaseBlocked, match="fidelity_within_limits"):
         build(lenient, inputs={"benchmark_report": blocked}, home=refinery_home)
