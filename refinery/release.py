@@ -334,8 +334,10 @@ def model_card(report: dict[str, Any], profile: Profile, recipes: list[str], gat
         lines += ["", f"Decontamination: {d['ngram']}-gram overlap with the evaluation sets removed "
                       f"{d['removed']} training records; {d['remaining']} remain."]
     lines += ["", "## Recipes", "", "Included in `recipes/`: " + ", ".join(f"`{r}`" for r in recipes) + ".", "",
-              "## Release gates", "", "Thresholds as benchmark_report recorded them; every gate compares interval "
-              "bounds, not point estimates. What each gate read is in `report.json` and the Dagster UI.", "",
+              "## Release gates", "", "Thresholds as benchmark_report recorded them (mean KLD upper bound at most "
+              f"{report['gates']['max_kld']}, .gguf.zst at most {report['gates']['max_bytes']:,} bytes); every gate "
+              "compares interval bounds, not point estimates. What each gate read is in `report.json` and the "
+              "Dagster UI.", "",
               "| gate | passed | what it checks |", "|---|---|---|"]
     for gate, g in zip(GATES, gate_results):
         lines.append(f"| {g.name} | {'yes' if g.passed else '**no**: ' + g.why} | "
