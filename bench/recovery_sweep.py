@@ -6,8 +6,8 @@ HOME must hold finished awq_model, qlora_model, deduped_corpus, raw_corpus and q
 artifacts (a `make demo` home). Each configuration overrides keys of the profile's ``recovery``
 section; for each, recovery runs as the stage runs it (refinery.recover.recover), the result is
 saved, exported to GGUF like the stage does, and scored by the benchmark's own fidelity code on the
-benchmark's token set against qlora_model (cached in HOME/work/benchmark_report, shared with the
-report). The first row is awq_model's GGUF without recovery. Prints JSON.
+benchmark's token set against qlora_model (cached in the benchmark_report folder of the home's
+work directory, shared with the report). The first row is awq_model's GGUF without recovery. Prints JSON.
 """
 
 from __future__ import annotations

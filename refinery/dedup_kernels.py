@@ -305,10 +305,7 @@ def jaccard(cp, starts, ends, pairs, ngram, word, base, salt, out, threads):
             m = _shingles(cp, starts[b], ends[b], ngram, word, base, salt, buf)
             inter = 0
             for x in range(m):
-                h = buf[x]
-                slot = h & mask
-                while stamp[slot] == gen and slots[slot] != h:
-                    slot = (slot + np.uint64(1)) & mask
+                slot = _probe(buf[x], slots, stamp, gen, mask)
                 if stamp[slot] == gen and hit[slot] != q + 1:
                     hit[slot] = q + 1
                     inter += 1
@@ -321,15 +318,22 @@ def _insert_all(buf, m, slots, stamp, gen):
     mask = np.uint64(len(slots) - 1)
     distinct = 0
     for x in range(m):
-        h = buf[x]
-        slot = h & mask
-        while stamp[slot] == gen and slots[slot] != h:
-            slot = (slot + np.uint64(1)) & mask
+        slot = _probe(buf[x], slots, stamp, gen, mask)
         if stamp[slot] != gen:
             stamp[slot] = gen
-            slots[slot] = h
+            slots[slot] = buf[x]
             distinct += 1
     return distinct
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _probe(h, slots, stamp, gen, mask):
+    """The slot of ``h`` in the open-addressing table: where it is, or the free slot it would take
+    (an entry belongs to the table only when its stamp is ``gen``)."""
+    slot = h & mask
+    while stamp[slot] == gen and slots[slot] != h:
+        slot = (slot + np.uint64(1)) & mask
+    return slot
 
 
 @nb.njit(cache=True)
