@@ -65,6 +65,13 @@ def _grid_module():
             self.u = torch.nn.Parameter(codes.detach().float().clone(), requires_grad=train_codes)
             self.log_ratio = torch.nn.Parameter(torch.zeros_like(self.scale0), requires_grad=train_scales)
             self.q_min, self.q_max = float(q_min), float(q_max)
+            self.train_codes = train_codes
+            if not train_codes:
+                # the codes are fixed: the weight is the AWQ weight times a per-group ratio, one
+                # broadcast multiply a forward instead of rebuilding it from the codes (2x a step)
+                with torch.no_grad():
+                    w0 = (self.codes() - self._expand(self.zero)) * self._expand(self.scale0) * self.keep
+                self.register_buffer("w0", w0.view(out_features, self.groups, -1).contiguous())
 
         def _expand(self, t):
             return t.repeat_interleave(self.u.shape[1] // self.groups, dim=1)
@@ -81,6 +88,8 @@ def _grid_module():
             return torch.where(self.keep, q, z)
 
         def forward(self, _weight):
+            if not self.train_codes:
+                return (self.w0 * self.log_ratio.exp().unsqueeze(-1)).flatten(1)
             q = self.codes()
             q = self.u + (q - self.u).detach()  # straight through to u
             return (q - self._expand(self.zero)) * self._expand(self.scale()) * self.keep
@@ -204,13 +213,20 @@ def kl_divergence(student_logits: Any, teacher_logits: Any, temperature: float =
     return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean") * temperature**2
 
 
-def heldout_kl(student: Any, teacher_logits: list[Any], blocks: Any, batch: int) -> float:
+def autocast(device: str, dtype: str | None) -> Any:
+    """Mixed precision for the forward passes (compute.autocast); off when ``dtype`` is None."""
+    import torch
+
+    return torch.autocast(device, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
+
+
+def heldout_kl(student: Any, teacher_logits: list[Any], blocks: Any, batch: int, precision: str | None = None) -> float:
     """Mean KL divergence (temperature 1, the report's metric) on the held-out blocks."""
     import torch
 
     was = student.training
     student.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(blocks.device.type, precision):
         total = sum(kl_divergence(student(blocks[i * batch:(i + 1) * batch]).logits, t).item()
                     for i, t in enumerate(teacher_logits))
     student.train(was)
@@ -218,15 +234,17 @@ def heldout_kl(student: Any, teacher_logits: list[Any], blocks: Any, batch: int)
 
 
 def distill(student: Any, teacher: Any, params: list[Any], train_blocks: Any, eval_blocks: Any,
-            cfg: RecoveryConfig, log: Callable[[str], Any]) -> dict[str, Any]:
+            cfg: RecoveryConfig, log: Callable[[str], Any], precision: str | None = None) -> dict[str, Any]:
     """AdamW on the distillation loss with early stopping on held-out KL; the best step's
-    parameters are restored at the end. Returns the curve and the chosen step."""
+    parameters are restored at the end. ``precision``: the forward passes' autocast dtype (None:
+    the weights' own). Returns the curve and the chosen step."""
     import torch
 
     b = cfg.micro_batch_size
-    with torch.no_grad():
+    device = train_blocks.device.type
+    with torch.no_grad(), autocast(device, precision):
         teacher_eval = [teacher(eval_blocks[i:i + b]).logits for i in range(0, len(eval_blocks), b)]
-    best = {"step": 0, "kl": heldout_kl(student, teacher_eval, eval_blocks, b),
+    best = {"step": 0, "kl": heldout_kl(student, teacher_eval, eval_blocks, b, precision),
             "state": [p.detach().clone() for p in params]}
     curve = [{"step": 0, "split": "heldout_kl", "loss": best["kl"]}]
     log(f"recovery: held-out KL at the start {best['kl']:.5f}")
@@ -237,16 +255,18 @@ def distill(student: Any, teacher: Any, params: list[Any], train_blocks: Any, ev
     for step in range(1, cfg.steps + 1):
         i = ((step - 1) * b) % len(train_blocks)
         batch = train_blocks[i:i + b]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             target = teacher(batch).logits
-        loss = kl_divergence(student(batch).logits, target, cfg.temperature)
+        with autocast(device, precision):
+            logits = student(batch).logits
+        loss = kl_divergence(logits, target, cfg.temperature)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         curve.append({"step": step, "split": "train", "loss": loss.item()})
         note = f"distillation loss {loss.item():.5f}"
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            kl = heldout_kl(student, teacher_eval, eval_blocks, b)
+            kl = heldout_kl(student, teacher_eval, eval_blocks, b, precision)
             curve.append({"step": step, "split": "heldout_kl", "loss": kl})
             note += f", held-out KL {kl:.5f} (best {best['kl']:.5f} at step {best['step']})"
             if kl < best["kl"]:
@@ -333,7 +353,10 @@ def recover(student_dir: Path, teacher_dir: Path, kept: Path, cfg: RecoveryConfi
     params = trainable(student, grids, train)
     log(f"recovery: training {', '.join(sorted(train))}: {sum(p.numel() for p in params):,} parameters")
     train_start = time.perf_counter()
-    result = distill(student, teacher, params, train_blocks, eval_blocks, cfg, log)
+    if placement.autocast:
+        log(f"recovery: forward passes in {placement.autocast} autocast over {placement.dtype} weights "
+            "(compute.autocast)")
+    result = distill(student, teacher, params, train_blocks, eval_blocks, cfg, log, placement.autocast)
     result["train_seconds"] = time.perf_counter() - train_start
     detach_grid(student, grids)
     del teacher, result["teacher_eval_logits"]

@@ -69,6 +69,21 @@ def test_auto_picks_cuda_and_bf16_when_a_gpu_is_present(tmp_path, gpu_present):
     assert (cpu.device, cpu.dtype) == ("cpu", "float32")  # told cpu: the GPU is left alone
 
 
+def test_autocast_only_where_bf16_is_native(tmp_path, monkeypatch):
+    assert device.resolve_autocast("auto", "float32", native_bf16=True) == "bfloat16"
+    assert device.resolve_autocast("auto", "float32", native_bf16=False) is None  # emulated: slower
+    assert device.resolve_autocast("bfloat16", "float32", native_bf16=False) == "bfloat16"  # told so
+    assert device.resolve_autocast("auto", "bfloat16", native_bf16=True) is None  # weights already bf16
+    assert device.resolve_autocast("off", "float32", native_bf16=True) is None
+    for native in (True, False):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+        cpu = device.select(load_profile(str(_profile(tmp_path, device="cpu", dtype="auto"))))
+        assert cpu.autocast == ("bfloat16" if native else None)
+        assert device.metadata(cpu)["autocast"] == cpu.autocast  # recorded with every model stage
+        off = device.select(load_profile(str(_profile(tmp_path, device="cpu", dtype="auto", autocast="off"))))
+        assert off.autocast is None
+
+
 def test_cuda_without_a_gpu_fails_naming_the_key(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match=r"compute\.device: cuda is requested by profile gpu-smoke "
