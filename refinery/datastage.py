@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refinery.config import Profile
-from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, candidate_pairs, features, first_occurrence,
-                            index_params, index_table, normalize_batch, resolve, verify_pairs, write_index)
+from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, features, first_occurrence, index_params,
+                            index_table, near_resolve, normalize_batch, write_index)
 from refinery.records import CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, TEXT_ROLES, joined_text
 
 REASONS = ("non_english", "contaminated", "exact_duplicate", "near_duplicate")
@@ -181,13 +181,13 @@ class Verdicts:
 
 def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.ndarray], NormBatch],
                    lengths: np.ndarray, profile: Profile, index: DedupIndex | None = None, *,
-                   pairs_fn: Callable[..., tuple[np.ndarray, dict[str, int]]] | None = None,
                    map_runs: Callable[..., Any] | None = None) -> Verdicts:
     """Exact then near duplicates of the dedup rows (in record order) and against ``index``.
 
-    ``texts_of(rows)`` reads the normalized texts of dedup rows; ``pairs_fn`` replaces
-    ``candidate_pairs`` (same arguments) and ``map_runs`` computes ``verify_pairs``' runs, in a
-    distributed run.
+    ``texts_of(rows)`` reads the normalized texts of dedup rows; ``map_runs`` computes
+    ``verify_pairs``' runs, in a distributed run. Near duplicates come from
+    ``refinery.dedup.near_resolve``, which finds the candidates while it resolves (a row is only
+    compared with the rows kept before it), in record order, on the driver.
     """
     cfg = profile.dedup
     t0 = time.perf_counter()
@@ -202,8 +202,6 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
     sig16 = np.concatenate([np.zeros((e, k), np.uint16), u.sig16]) if e else u.sig16  # existing: always verified
     filled = np.concatenate([np.zeros(e, np.int32), u.filled]) if e else u.filled
     del u
-    pairs, cstats = (pairs_fn or candidate_pairs)(bands, sig16, filled, cfg.threshold, existing=e)
-    del sig16
     t_cand = time.perf_counter()
 
     def rows_text(rows: np.ndarray) -> NormBatch:
@@ -213,9 +211,10 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
 
     all_lengths = np.concatenate([index.norm.ends - index.norm.starts, lengths[unique]])
     shingling = Shingling.from_config(cfg)
-    sims = verify_pairs(pairs, rows_text, shingling, all_lengths, cfg.verify_chunk_chars, map_runs)
+    dup, sim, cstats = near_resolve(bands, sig16, filled, cfg.threshold, rows_text, shingling, all_lengths,
+                                    existing=e, max_chars=cfg.verify_chunk_chars, map_runs=map_runs)
+    del sig16
     t_verify = time.perf_counter()
-    dup, sim = resolve(pairs, sims, cfg.threshold, e + len(unique))
 
     kind = np.zeros(n, np.uint8)
     dup_of: list[str | None] = [None] * n
@@ -227,13 +226,12 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
         a = int(dup[e + r])
         i = int(unique[r])
         kind[i], dup_of[i], similarity[i] = 2, index.ids[a] if a < e else ids[int(unique[a - e])], sim[e + r]
-    verified = int((sims >= cfg.threshold).sum())
     params = index_params(cfg)
     return Verdicts(kind, dup_of, similarity, {
         "records": n, "existing": e, "bands": params["bands"], "rows": params["rows"], **cstats,
-        "verified_pairs": verified, "rejected_candidates": int(len(pairs) - verified),
+        "rejected_candidates": cstats["bounded_pairs"] + cstats["checked_pairs"] - cstats["verified_pairs"],
         "exact_duplicates": int((kind == 1).sum()), "near_duplicates": int((kind == 2).sum()),
-        "seconds": {"candidates": t_cand - t0, "verify": t_verify - t_cand, "total": time.perf_counter() - t0}})
+        "seconds": {"exact": t_cand - t0, "near": t_verify - t_cand, "total": time.perf_counter() - t0}})
 
 
 # ------------------------------------------------------------------------------------ assemble
@@ -339,7 +337,7 @@ def local_map(ctx: StageContext) -> MapFn:
 
 def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
               existing: Path | None = None, spill_dir: Path | None = None,
-              pairs_fn: Callable[..., Any] | None = None, map_runs: Callable[..., Any] | None = None,
+              map_runs: Callable[..., Any] | None = None,
               log: Callable[[str], None] | None = None) -> StageOutput:
     """Curate ``records`` (a records.parquet) into ``out_dir``: kept/rejected/clusters parquet and
     dedup_index/, streaming ``data_engine.batch_records`` records at a time. ``map_fn`` maps the
@@ -364,8 +362,7 @@ def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
             log(f"data stage: mapped {rows.rows} records in {t_map - t0:.1f} s")
         all_feats = Features.concat(feats) if feats else features(NormBatch.of([]), profile.dedup)
         del feats
-        verdicts = dedup_verdicts(ids, all_feats, spill.take, spill.lengths(), profile, index,
-                                  pairs_fn=pairs_fn, map_runs=map_runs)
+        verdicts = dedup_verdicts(ids, all_feats, spill.take, spill.lengths(), profile, index, map_runs=map_runs)
         t_dedup = time.perf_counter()
         tally = _write(records, out_dir, profile, rows, verdicts, all_feats, ids, spill, index)
     finally:

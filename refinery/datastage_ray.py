@@ -2,11 +2,11 @@
 
 - map: Ray Data reads records.parquet on the workers and runs ``map_batch`` in a pool of actors
   (each loads the language-ID model and the eval n-gram index once), streaming, in record order;
-- LSH candidates: one task per group of bands (a pair belongs to the first band it shares, so the
-  groups' pairs are disjoint and their union is the single-process set);
-- verification: one task per run of pairs, with that run's texts;
-- exact dedup, greedy resolution and the write pass stay on the driver: they run over compact
-  arrays, and resolving in record order there is what keeps the kept set the same as one process.
+- verification: one task per run of candidate pairs, with that run's texts;
+- exact dedup, the LSH candidates with the greedy resolution (``refinery.dedup.near_resolve``: a
+  record meets only the records kept before it, so candidates and resolution go together) and the
+  write pass stay on the driver: they run over compact arrays, and resolving in record order there
+  is what keeps the kept set the same as one process.
 
 ``data_engine.address`` names a running cluster (``ray://head:10001``); without it a local Ray
 is started with ``data_engine.workers`` CPUs. Workers import refinery from the driver's checkout
@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from refinery.config import Profile
 from refinery.datastage import Mapped, MapFn, StageContext, StageOutput, map_batch, run_stage
-from refinery.dedup import NormBatch, Shingling, candidate_pairs
+from refinery.dedup import NormBatch, Shingling
 from refinery.records import RECORD_SCHEMA
 
 WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -84,32 +84,8 @@ def ray_map(profile: Profile, records: Path, eval_texts: dict[str, list[str]] | 
     return map_fn
 
 
-def _pairs_task(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, threshold: float, existing: int,
-                only: list[int]) -> tuple[np.ndarray, dict[str, int]]:
-    return candidate_pairs(bands, sig16, filled, threshold, existing=existing, only_bands=only)
-
-
 def _jaccard_task(shingling: Shingling, batch: NormBatch, pairs: np.ndarray) -> np.ndarray:
     return shingling.jaccard(batch, pairs)
-
-
-def ray_pairs(workers: int):
-    """candidate_pairs with the bands split over ``workers`` tasks (arrays shared, not copied)."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(_pairs_task)
-
-    def pairs_fn(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, threshold: float, *,
-                 existing: int = 0) -> tuple[np.ndarray, dict[str, int]]:
-        refs = [ray.put(a) for a in (bands, sig16, filled)]
-        groups = [g.tolist() for g in np.array_split(np.arange(bands.shape[1]), workers) if len(g)]
-        results = ray.get([task.remote(*refs, threshold, existing, g) for g in groups])
-        stats = {"candidate_pairs": sum(r[1]["candidate_pairs"] for r in results),
-                 "prefiltered_pairs": sum(r[1]["prefiltered_pairs"] for r in results),
-                 "largest_bucket": max(r[1]["largest_bucket"] for r in results)}
-        return np.concatenate([r[0] for r in results]), stats
-
-    return pairs_fn
 
 
 def ray_verify(shingling: Shingling, workers: int):
@@ -137,5 +113,5 @@ def run_stage_ray(records: Path, out_dir: Path, profile: Profile, *, eval_texts:
     workers = profile.data_engine.workers
     return run_stage(records, out_dir, profile, map_fn=ray_map(profile, records, eval_texts), existing=existing,
                      spill_dir=Path(profile.resolve_path(profile.data_engine.spill_dir)) if profile.data_engine.spill_dir
-                     else None, pairs_fn=ray_pairs(workers),
+                     else None,
                      map_runs=ray_verify(Shingling.from_config(profile.dedup), workers), log=log)

@@ -25,6 +25,13 @@ with numba in refinery.dedup_kernels; docs/data.md has the measurements behind t
    *kept* record (the most similar one is its ``duplicate_of``); matching only removed records does
    not remove it, so clusters never chain through records that are gone.
 
+``near_resolve`` is what ``find_duplicates`` and the data stage run: steps 5-7 streamed together,
+with the same result. Since only kept records can remove a record, a record is compared only with
+the kept records of its buckets (removed ones are never comparators), in blocks of record order,
+and a pair goes to the exact check only when the MinHash pre-filter and an exact upper bound of its
+Jaccard (set sizes, then a merge of both records' rarest shingles) leave it possible. Templated
+corpora (buckets of thousands) no longer materialize every pair of a bucket.
+
 ``DedupIndex`` holds what later batches are deduplicated against (ids, exact hashes, band keys,
 normalized text); ``save``/``load`` persist it next to deduped_corpus's parquet files.
 """
@@ -37,6 +44,7 @@ import math
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,6 +480,144 @@ def resolve(pairs: np.ndarray, sims: np.ndarray, threshold: float, n_rows: int) 
     return dup, sim
 
 
+NEAR_BLOCK_PAIRS = 100_000  # a block resolved at once: at most this many pairs of its own rows share a bucket
+COUNT_BITS = 22  # the table of shingle counts that orders shingles rarest first (4M uint32: 16 MB)
+BOUND_BUCKET = 32  # rows of a bigger bucket get the exact bounds (their rarest-first prefix)
+
+
+def _row_chunks(rows: np.ndarray, lengths: np.ndarray, max_chars: int) -> Iterator[np.ndarray]:
+    """Consecutive parts of ``rows`` whose texts add up to at most ``max_chars`` characters."""
+    ends = np.cumsum(lengths[rows] + 1)
+    lo = 0
+    while lo < len(rows):
+        hi = max(int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + max_chars, side="right")), lo + 1)
+        yield rows[lo:hi]
+        lo = hi
+
+
+def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, threshold: float,
+                 texts_of: Callable[[np.ndarray], NormBatch], shingling: Shingling, lengths: np.ndarray, *,
+                 existing: int = 0, max_chars: int = VERIFY_CHUNK_CHARS,
+                 map_runs: Callable[[Iterator[tuple[NormBatch, np.ndarray]]], Iterator[np.ndarray]] | None = None,
+                 block_pairs: int = NEAR_BLOCK_PAIRS) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The greedy near dedup of rows in record order (module docstring, steps 5-7), streaming:
+    (duplicate_of row or -1, similarity, stats) per row; rows below ``existing`` are an index,
+    always kept.
+
+    Gives what ``candidate_pairs`` -> ``verify_pairs`` -> ``resolve`` give, without materializing
+    every pair of a bucket: a row is compared only with the KEPT rows of its buckets (a removed row
+    never decides anything in the greedy rule), a block of rows at a time (``block_pairs`` bounds
+    the pairs of a block's own rows sharing a bucket: they are compared with each other before their
+    fates are known), and a pair is verified
+    exactly only when neither the MinHash pre-filter nor an exact upper bound of its Jaccard (sizes,
+    then a merge of the rarest shingles of both: ``dedup_kernels._bound_rejects``) rules it out.
+    ``texts_of(rows)`` gives the normalized texts of sorted unique rows, ``lengths[row]`` their
+    lengths; ``map_runs`` computes ``verify_pairs``' runs somewhere else (Ray)."""
+    n, n_bands = bands.shape
+    dup = np.full(n, -1, np.int64)
+    sim = np.full(n, np.nan)
+    stats = {"candidate_pairs": 0, "prefiltered_pairs": 0, "bounded_pairs": 0, "checked_pairs": 0,
+             "verified_pairs": 0, "largest_bucket": 1 if n else 0}
+    if n == 0:
+        return dup, sim, stats
+    # buckets of more than one row, numbered over all bands (-1: a row alone in its bucket), and
+    # where each one's kept rows go in ``members``
+    bucket = np.full((n, n_bands), -1, np.int32)
+    partnered = np.zeros(n, bool)
+    sizes_of = []
+    for b in range(n_bands):
+        _, inv, cnt = np.unique(bands[:, b], return_inverse=True, return_counts=True)
+        multi = cnt > 1
+        ids = np.cumsum(multi) - 1 + sum(len(c) for c in sizes_of)
+        rows = multi[inv]
+        bucket[rows, b] = ids[inv[rows]]
+        partnered |= rows
+        sizes_of.append(cnt[multi])
+        stats["largest_bucket"] = max(stats["largest_bucket"], int(cnt.max()))
+    del inv, rows
+    capacity = np.concatenate(sizes_of)
+    del sizes_of
+    live = np.flatnonzero(partnered)
+    if len(live) == 0 or not (live >= existing).any():
+        return dup, sim, stats
+    # rarest-first prefixes of the rows of big buckets (a count pass, then the keys): the exact
+    # bounds pay off where a row meets many others; elsewhere a pair goes to the exact check as it is
+    lengths = np.ascontiguousarray(lengths, np.int64)
+    big = (bucket >= 0) & (capacity[np.maximum(bucket, 0)] > BOUND_BUCKET)
+    bounded = np.flatnonzero(big.any(axis=1))
+    del big
+    meta = np.zeros((n, 4), np.int64)  # dedup_kernels.SIZE (-1: no prefix), FILLED, P0, P1
+    meta[:, K.SIZE] = -1
+    meta[:, K.FILLED] = filled
+    stats["bounded_rows"] = len(bounded)
+    args = shingling._args()
+    shift = np.uint64(64 - COUNT_BITS)
+    counts = np.zeros(1 << COUNT_BITS, np.uint32)
+    for rows in _row_chunks(bounded, lengths, max_chars):
+        t = texts_of(rows)
+        K.shingle_counts(t.cp, t.starts, t.ends, *args, counts, shift)
+    plen = np.zeros(n, np.int64)
+    parts = [np.empty(0, U64)]
+    for rows in _row_chunks(bounded, lengths, max_chars):
+        t = texts_of(rows)
+        out = np.empty(int((t.ends - t.starts).sum()) + len(rows), U64)
+        offs = np.empty(len(rows) + 1, np.int64)
+        sz = np.empty(len(rows), np.int64)
+        m = K.prefix_keys(t.cp, t.starts, t.ends, *args, counts, shift, float(threshold), sz, out, offs)
+        parts.append(out[:m].copy())
+        meta[rows, K.SIZE] = sz
+        plen[rows] = np.diff(offs)
+    del counts
+    pkeys = np.concatenate(parts)
+    del parts
+    meta[:, K.P1] = np.cumsum(plen)
+    meta[:, K.P0] = meta[:, K.P1] - plen
+    del plen
+    # each bucket's kept rows (filled in record order), and the block's own lists
+    mstart = np.zeros(len(capacity), np.int64)
+    np.cumsum(capacity[:-1], out=mstart[1:])
+    mfill = np.zeros(len(capacity), np.int64)
+    members = np.empty(int(capacity.sum()), np.int32)
+    bhead = np.full(len(capacity), -1, np.int64)
+    bstamp = np.full(len(capacity), -1, np.int64)
+    pos = np.zeros(n, np.int64)
+    removed = np.zeros(n, bool)
+    K.add_kept(live[live < existing], bucket, mstart, mfill, members)
+    todo = live[live >= existing]
+    # blocks: few rows where buckets are big, whole batches where they are small (a block costs a
+    # round of verification; its rows are compared with each other before their fates are known)
+    edges = K.block_edges(todo, bucket, len(capacity), block_pairs)
+    blink = np.full((int(np.diff(edges).max()), n_bands), -1, np.int64)
+    stats["blocks"] = len(edges) - 1
+    threads = max(1, min(numba.get_num_threads(), 8))
+    seen = [np.full(n, -1, np.int64) for _ in range(threads)]
+    counters = [np.zeros(3, np.int64) for _ in range(threads)]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        for block_id, (lo, hi) in enumerate(zip(edges[:-1].tolist(), edges[1:].tolist())):
+            ys = todo[lo:hi]
+            K.block_lists(ys, bucket, bhead, bstamp, blink, pos, block_id)
+            cuts = np.linspace(0, len(ys), threads + 1).astype(int)
+
+            def part(i: int, ys: np.ndarray = ys, cuts: np.ndarray = cuts, block_id: int = block_id) -> np.ndarray:
+                return K.near_candidates(ys, cuts[i], cuts[i + 1], bucket, mstart, mfill, members, bhead, bstamp,
+                                         blink, pos, block_id, seen[i], sig16, meta, pkeys, float(threshold),
+                                         PREFILTER_Z, PREFILTER_MIN_FILLED, counters[i])
+
+            found = list(pool.map(part, range(threads))) if pool else [part(0)]
+            pairs = np.concatenate(found) if len(found) > 1 else found[0]
+            sims = verify_pairs(pairs, texts_of, shingling, lengths, max_chars, map_runs) if len(pairs) else np.empty(0)
+            stats["checked_pairs"] += len(pairs)
+            stats["verified_pairs"] += int((sims >= threshold).sum())
+            K.resolve_block(ys, pairs, sims, float(threshold), removed, dup, sim, bucket, mstart, mfill, members)
+    finally:
+        if pool:
+            pool.shutdown()
+    total = np.sum(counters, axis=0)
+    stats["candidate_pairs"], stats["prefiltered_pairs"], stats["bounded_pairs"] = (int(c) for c in total)
+    return dup, sim, stats
+
+
 def first_occurrence(exact: np.ndarray) -> np.ndarray:
     """For each row, the first row with the same 128-bit exact key (itself when it is the first)."""
     if len(exact) == 0:
@@ -662,8 +808,6 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBa
     # the existing corpus keeps no sketch: its pairs are all verified (filled 0 skips the pre-filter)
     sig16 = np.concatenate([np.zeros((e, k), np.uint16), new.sig16]) if e else new.sig16
     filled = np.concatenate([np.zeros(e, np.int32), new.filled]) if e else new.filled
-    pairs, cstats = candidate_pairs(bands, sig16, filled, cfg.threshold, existing=e)
-    del sig16
     t_cand = time.perf_counter()
 
     def texts_of(rows: np.ndarray) -> NormBatch:
@@ -672,9 +816,10 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBa
         return NormBatch.concat([index.norm.take(old), fresh]) if len(old) else fresh
 
     all_lengths = np.concatenate([index.norm.lengths(), lengths[unique]])
-    sims = verify_pairs(pairs, texts_of, Shingling.from_config(cfg), all_lengths, cfg.verify_chunk_chars)
+    dup, sim, cstats = near_resolve(bands, sig16, filled, cfg.threshold, texts_of, Shingling.from_config(cfg),
+                                    all_lengths, existing=e, max_chars=cfg.verify_chunk_chars)
+    del sig16
     t_verify = time.perf_counter()
-    dup, sim = resolve(pairs, sims, cfg.threshold, e + len(unique))
 
     status = ["kept"] * n
     dup_of: list[str | None] = [None] * n
@@ -699,12 +844,11 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBa
         kept_idx = unique[kept_rows]
         index.append([ids[i] for i in kept_idx.tolist()], feats.exact[kept_idx], new.bands[kept_rows], text_of(kept_idx))
     t_end, c_end = time.perf_counter(), time.process_time()
-    verified = int((sims >= cfg.threshold).sum())
     stats = {"records": n, "existing": e, "bands": params["bands"], "rows": params["rows"], **cstats,
-             "verified_pairs": verified, "rejected_candidates": int(len(pairs) - verified),
+             "rejected_candidates": cstats["bounded_pairs"] + cstats["checked_pairs"] - cstats["verified_pairs"],
              "exact_duplicates": status.count("exact_duplicate"), "near_duplicates": status.count("near_duplicate"),
              "seconds": {"prepare": t_norm - t0, "normalize_and_signatures": t_sig - t_norm, "exact": t_exact - t_sig,
-                         "candidates": t_cand - t_exact, "verify": t_verify - t_cand, "resolve": t_end - t_verify,
+                         "near": t_verify - t_cand, "resolve": t_end - t_verify,
                          "total": t_end - t0},
              "cpu_seconds": {"exact": c_exact - c0, "near": c_end - c_exact}}
     return DedupResult(status, dup_of, similarity, clusters, index, stats)

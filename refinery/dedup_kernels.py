@@ -543,3 +543,257 @@ def first_gram_hits(cp, starts, ends, ns, prefix, base, salt, bits, slots, where
                         break
                 if hit_word[t] >= 0:
                     break
+
+
+# ------------------------------------------------------------------------------------ greedy near dedup
+# The streaming resolution of refinery.dedup.near_resolve: rows in record order, each compared only
+# with the KEPT rows that share one of its LSH buckets (a removed row is never a comparator), pairs
+# that cannot reach the threshold dropped by bounds before the exact check.
+
+_KEY_SHIFT = np.uint64(24)
+_CNT_SHIFT = np.uint64(40)
+_CNT_MAX = (1 << 24) - 1
+
+
+@nb.njit(cache=True, nogil=True)
+def shingle_counts(cp, starts, ends, ngram, word, base, salt, counts, shift):
+    """Adds each text's shingles to ``counts[h >> shift]`` (how common a shingle is, approximately:
+    what orders the shingles of a text for the prefix bound, any consistent order being correct)."""
+    longest = 1
+    for t in range(len(starts)):
+        longest = max(longest, ends[t] - starts[t] + 1)
+    buf = np.empty(longest, np.uint64)
+    for t in range(len(starts)):
+        m = _shingles(cp, starts[t], ends[t], ngram, word, base, salt, buf)
+        for x in range(m):
+            counts[buf[x] >> shift] += 1
+
+
+@nb.njit(cache=True, nogil=True)
+def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, threshold, sizes, out, out_offsets):
+    """Per text: its number of distinct shingles (``sizes``) and the first ``size - floor(threshold *
+    size) + 1`` of its distinct shingles in the global order (rarest first: key = count << 40 | the
+    hash's top 40 bits) into ``out`` (text t: ``out[out_offsets[t]:out_offsets[t + 1]]``)."""
+    longest = 1
+    for t in range(len(starts)):
+        longest = max(longest, ends[t] - starts[t] + 1)
+    buf = np.empty(longest, np.uint64)
+    keys = np.empty(longest, np.uint64)
+    o = 0
+    out_offsets[0] = 0
+    for t in range(len(starts)):
+        m = _shingles(cp, starts[t], ends[t], ngram, word, base, salt, buf)
+        hs = np.sort(buf[:m])
+        d = 0
+        for x in range(m):
+            if x == 0 or hs[x] != hs[x - 1]:
+                c = min(counts[hs[x] >> shift], _CNT_MAX)
+                keys[d] = (np.uint64(c) << _CNT_SHIFT) | (hs[x] >> _KEY_SHIFT)
+                d += 1
+        sizes[t] = d
+        p = min(d, d - int(threshold * d) + 1)
+        ks = np.sort(keys[:d])
+        out[o:o + p] = ks[:p]
+        o += p
+        out_offsets[t + 1] = o
+    return o
+
+
+@nb.njit(cache=True, inline="always")
+def _upper_jaccard(inter, na, nb_):
+    return inter / max(na + nb_ - inter, 1)
+
+
+# meta[row] = (distinct shingles, filled MinHash bins, start, end of its prefix in pkeys): one cache line
+SIZE, FILLED, P0, P1 = 0, 1, 2, 3
+
+
+@nb.njit(cache=True, nogil=True)
+def _bound_rejects(mx, my, pkeys, threshold):
+    """True when the Jaccard of two rows (their ``meta`` rows) is surely below the threshold: by
+    their sizes, or by a merge of their rarest-first prefixes (a shingle passed over without a
+    match has none in the other set, so the overlap is at most what matched plus the smaller rest)."""
+    na, nb_ = mx[SIZE], my[SIZE]
+    if na < 0 or nb_ < 0:  # a row of small buckets only: no prefix computed (checking it costs less)
+        return False
+    if _upper_jaccard(min(na, nb_), na, nb_) < threshold:
+        return True
+    i, iend = mx[P0], mx[P1]
+    j, jend = my[P0], my[P1]
+    a0, b0 = i, j
+    o = 0
+    while i < iend and j < jend:
+        if pkeys[i] == pkeys[j]:
+            o += 1
+            i += 1
+            j += 1
+        else:
+            if pkeys[i] < pkeys[j]:
+                i += 1
+            else:
+                j += 1
+            if _upper_jaccard(o + min(na - (i - a0), nb_ - (j - b0)), na, nb_) < threshold:
+                return True
+    return _upper_jaccard(o + min(na - (i - a0), nb_ - (j - b0)), na, nb_) < threshold
+
+
+@nb.njit(cache=True, nogil=True)
+def _consider(x, y, sig, meta, pkeys, threshold, z, min_filled, stats):
+    """Whether the pair (x, y) goes to the exact check: not when its MinHash estimate is more than
+    ``z`` standard deviations below the threshold (as ``band_pairs``), nor when ``_bound_rejects``."""
+    stats[0] += 1
+    mx, my = meta[x], meta[y]
+    f = min(mx[FILLED], my[FILLED])
+    if f >= min_filled:
+        k = sig.shape[1]
+        same = 0
+        for c in range(k):
+            same += np.int64(sig[x, c] == sig[y, c])
+        if same / k < threshold - z * np.sqrt(threshold * (1.0 - threshold) / f):
+            stats[1] += 1
+            return False
+    if _bound_rejects(mx, my, pkeys, threshold):
+        stats[2] += 1
+        return False
+    return True
+
+
+@nb.njit(cache=True, nogil=True)
+def block_lists(ys, bucket, bhead, bstamp, blink, pos, block_id):
+    """The block's own per-bucket lists (every row of the block, latest first) and each row's
+    position in the block."""
+    for p in range(len(ys)):
+        y = ys[p]
+        for b in range(bucket.shape[1]):
+            g = bucket[y, b]
+            if g < 0:
+                continue
+            if bstamp[g] != block_id:
+                bstamp[g] = block_id
+                bhead[g] = -1
+            blink[p, b] = bhead[g]
+            bhead[g] = y
+        pos[y] = p
+
+
+@nb.njit(cache=True, nogil=True)
+def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, blink, pos, block_id, seen, sig, meta,
+                    pkeys, threshold, z, min_filled, stats):
+    """Candidate pairs (x, y) for the rows ``ys[lo:hi]`` of a block (``ys`` ascending), each x once
+    per y: x a kept row before the block that shares a bucket with y (bucket g's kept rows are
+    ``members[mstart[g]:mstart[g] + mfill[g]]``), or an earlier row of the block that does
+    (``block_lists``; their fate is decided by ``resolve_block``, in order), and ``_consider``
+    passes it. Read-only but for ``seen`` and ``stats`` (+= [compared, prefiltered, bounded]), so
+    parts of a block run on threads at once."""
+    n_bands = bucket.shape[1]
+    out = np.empty((1024, 2), np.int64)
+    count = 0
+    local = np.zeros(3, np.int64)  # not ``stats`` itself: threads' counters side by side would share a cache line
+    for p in range(lo, hi):
+        y = ys[p]
+        for b in range(n_bands):
+            g = bucket[y, b]
+            if g < 0:
+                continue
+            m0 = mstart[g]
+            m1 = m0 + mfill[g]
+            x = bhead[g] if bstamp[g] == block_id else -1
+            while x >= 0 and pos[x] >= p:  # the block's list is latest first
+                x = blink[pos[x], b]
+            i = m0
+            while True:
+                if i < m1:
+                    x2 = np.int64(members[i])
+                    i += 1
+                elif x >= 0:
+                    x2 = x
+                    x = blink[pos[x], b]
+                else:
+                    break
+                if seen[x2] != y:
+                    seen[x2] = y
+                    if _consider(x2, y, sig, meta, pkeys, threshold, z, min_filled, local):
+                        if count == len(out):
+                            grown = np.empty((2 * len(out), 2), np.int64)
+                            grown[:count] = out[:count]
+                            out = grown
+                        out[count, 0] = x2
+                        out[count, 1] = y
+                        count += 1
+    stats += local
+    return out[:count]
+
+
+@nb.njit(cache=True, nogil=True)
+def resolve_block(ys, pairs, sims, threshold, removed, dup, sim, bucket, mstart, mfill, members):
+    """The greedy rule over one block, in row order: y is removed when a verified pair joins it to
+    a row that is still kept (``duplicate_of`` the most similar, the earliest on a tie); a kept y
+    joins its buckets' kept rows. ``pairs`` are in y order, as ``near_candidates`` makes them."""
+    q = 0
+    for p in range(len(ys)):
+        y = ys[p]
+        best = -1
+        bs = -1.0
+        while q < len(pairs) and pairs[q, 1] == y:
+            x = pairs[q, 0]
+            s = sims[q]
+            if not removed[x] and s >= threshold and (s > bs or (s == bs and x < best)):
+                best, bs = x, s
+            q += 1
+        if best >= 0:
+            removed[y] = True
+            dup[y] = best
+            sim[y] = bs
+        else:
+            _add_kept(y, bucket, mstart, mfill, members)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _add_kept(y, bucket, mstart, mfill, members):
+    for b in range(bucket.shape[1]):
+        g = bucket[y, b]
+        if g >= 0:
+            members[mstart[g] + mfill[g]] = y
+            mfill[g] += 1
+
+
+@nb.njit(cache=True, nogil=True)
+def add_kept(rows, bucket, mstart, mfill, members):
+    """Rows (ascending) that are kept whatever comes later (an existing index) into their buckets."""
+    for y in rows:
+        _add_kept(y, bucket, mstart, mfill, members)
+
+
+@nb.njit(cache=True, nogil=True)
+def block_edges(rows, bucket, n_buckets, max_pairs):
+    """Where to cut ``rows`` (ascending) into blocks for ``near_candidates``: a block ends before
+    the row that would take the pairs of rows of the block sharing a bucket (counted per band)
+    past ``max_pairs``, i.e. the comparisons made before the rows' fates are known. Small buckets
+    make blocks of whole batches, big ones blocks of a few hundred rows."""
+    cnt = np.zeros(n_buckets, np.int64)
+    stamp = np.full(n_buckets, -1, np.int64)
+    edges = [0]
+    blk = 0
+    pairs = 0
+    for p in range(len(rows)):
+        y = rows[p]
+        add = 0
+        for b in range(bucket.shape[1]):
+            g = bucket[y, b]
+            if g >= 0 and stamp[g] == blk:
+                add += cnt[g]
+        if pairs + add > max_pairs and p > edges[-1]:
+            edges.append(p)
+            blk += 1
+            pairs = 0
+            add = 0
+        for b in range(bucket.shape[1]):
+            g = bucket[y, b]
+            if g >= 0:
+                if stamp[g] != blk:
+                    stamp[g] = blk
+                    cnt[g] = 0
+                cnt[g] += 1
+        pairs += add
+    edges.append(len(rows))
+    return np.array(edges, np.int64)

@@ -14,7 +14,8 @@ import pytest
 from bench.dedup_corpora import greedy_truth, mutate, templated_corpus  # the benchmarks' corpora and edits
 from refinery.config import DedupConfig, resolve_path
 from refinery.dedup import (DedupIndex, MinHasher, NormBatch, Shingling, candidate_pairs, exact_jaccard, features,
-                            find_duplicates, lsh_params, normalize_batch, normalize_many, normalize_text)
+                            find_duplicates, lsh_params, near_resolve, normalize_batch, normalize_many, normalize_text,
+                            resolve, verify_pairs)
 
 DATA = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}")
 
@@ -211,6 +212,28 @@ def test_every_pair_sharing_a_bucket_is_a_candidate(templated):
     want = {(a, b) for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist()) if s >= cfg.threshold}
     assert len(want) > 1000 and want <= found
     assert int(f.filled.min()) < 128  # short records: fewer shingles than MinHash bins
+
+
+
+@pytest.mark.parametrize("existing, block_pairs", [(0, 100_000), (0, 500), (400, 5_000)])
+def test_streaming_resolution_equals_every_pair_then_greedy(templated, existing, block_pairs):
+    """near_resolve (kept records only as comparators, exact bounds before the exact check, blocks
+    of any size, down to a few rows, an existing index in front) decides exactly what every
+    candidate pair verified and resolved greedily decides: the same duplicate_of and similarity."""
+    records, _, _ = templated
+    cfg = DedupConfig()
+    batch = normalize_batch([t for _, t in records])
+    f = features(batch, cfg)
+    shingling, lengths = Shingling(), batch.lengths()
+    pairs, _ = candidate_pairs(f.bands, f.sig16, f.filled, cfg.threshold, existing=existing)
+    sims = verify_pairs(pairs, batch.take, shingling, lengths)
+    want_dup, want_sim = resolve(pairs, sims, cfg.threshold, len(records))
+    dup, sim, stats = near_resolve(f.bands, f.sig16, f.filled, cfg.threshold, batch.take, shingling, lengths,
+                                   existing=existing, block_pairs=block_pairs)
+    assert (dup >= 0).sum() > 500 and not (dup[:existing] >= 0).any()
+    np.testing.assert_array_equal(dup, want_dup)
+    np.testing.assert_array_equal(sim, want_sim)
+    assert stats["checked_pairs"] < len(pairs) / (3 if block_pairs <= 5_000 else 1)  # most never reach it
 
 
 def test_cli(tmp_path, english):
