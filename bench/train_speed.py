@@ -1,8 +1,10 @@
 """QLoRA training speed on this machine: the demo profile's model (SmolLM2-135M) through axolotl,
-with and without sample packing, a few steps each, in the profile's compute.dtype (bf16 on a GPU;
-axolotl trains fp32 on the CPU). Prints one JSON object.
+with and without sample packing, and with and without bf16 autocast of the training forward
+passes on the CPU (compute.autocast; axolotl's own bf16 switch does not work there), a few steps
+each. Prints one JSON object.
 
     .venv/bin/python bench/train_speed.py --steps 6 [--records 400] [--home /tmp/bench-home]
+    .venv/bin/python bench/train_speed.py --steps 12 --variants packing,packing_fp32
 
 Each variant is a full refinery.train.build (axolotl start-up, training, merge, perplexity);
 ``tokens_per_second`` is non-padding tokens per second of the trainer's own runtime (evaluation
@@ -43,7 +45,9 @@ def corpus(home: Path, records: int):
     return load_artifact(st.path)
 
 
-VARIANTS = {"packing": {"sample_packing": True}, "no_packing": {"sample_packing": False}}
+# name -> (train overrides, compute overrides); compute.autocast auto is bf16 where the CPU has it
+VARIANTS = {"packing": ({"sample_packing": True}, {}), "no_packing": ({"sample_packing": False}, {}),
+            "packing_fp32": ({"sample_packing": True}, {"autocast": "off"})}
 
 
 def measure(profile_name: str, *, steps: int, records: int, home: Path,
@@ -55,10 +59,12 @@ def measure(profile_name: str, *, steps: int, records: int, home: Path,
               "deduped_corpus": corpus(home, records)}
     results: dict[str, Any] = {}
     for name in variants:
-        overrides = {**VARIANTS[name], "max_steps": steps, "early_stopping_patience": None}
-        variant = profile.model_copy(update={"train": profile.train.model_copy(update=overrides)})
-        try:
-            art = train.build(variant, inputs=inputs, home=home, log=lambda _: None)
+        train_overrides, compute_overrides = VARIANTS[name]
+        overrides = {**train_overrides, "max_steps": steps, "early_stopping_patience": None}
+        variant = profile.model_copy(update={"train": profile.train.model_copy(update=overrides),
+                                             "compute": profile.compute.model_copy(update=compute_overrides)})
+        try:  # a home per variant: the same train settings would otherwise resume the other's checkpoints
+            art = train.build(variant, inputs=inputs, home=home / name, log=lambda _: None)
         except Exception as exc:  # a variant that does not run on this machine is a result too
             results[name] = {"error": str(exc)[-1500:]}
             continue

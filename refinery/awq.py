@@ -72,7 +72,7 @@ def recipe(cfg: AWQConfig) -> list[Any]:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
 
-    return [AWQModifier(), QuantizationModifier(config_groups=quantization_scheme(cfg), ignore=IGNORE)]
+    return [AWQModifier(n_grid=cfg.n_grid), QuantizationModifier(config_groups=quantization_scheme(cfg), ignore=IGNORE)]
 
 
 def zero_masks(model: Any) -> dict[str, Any]:

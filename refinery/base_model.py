@@ -239,6 +239,21 @@ def fingerprint(profile: Profile) -> dict[str, Any] | None:
     return {"file": path.name, "sha256": _embedded_checksum(str(path), stat.st_size, stat.st_mtime_ns)}
 
 
+def published_gguf(art: Artifact) -> Path | None:
+    """The GGUF a base_model artifact was converted from (kind smollm2_gguf), when that file is
+    still on disk unchanged: the same model in llama.cpp's own format (bf16 rounding of the
+    dequantized weights apart). None for every other kind."""
+    source = art.manifest.get("metrics", {}).get("source") or {}
+    if (art.manifest.get("config") or {}).get("base_model", {}).get("kind") != "smollm2_gguf":
+        return None
+    path = embedded_gguf()
+    stat = path.stat()
+    if path.name != source.get("file") or \
+            _embedded_checksum(str(path), stat.st_size, stat.st_mtime_ns) != source.get("sha256"):
+        return None
+    return path
+
+
 def build(profile: Profile, *, inputs: dict[str, Artifact] | None = None, home: Path,
           log: Callable[[str], Any] = print) -> Artifact:
     """Write ``artifacts/base_model/<v>/model/`` (weights, config, tokenizer, chat template)."""

@@ -218,6 +218,8 @@ class AWQConfig(_Strict):
     group_size: int = Field(default=64, gt=0)  # must divide the model's hidden and MLP sizes
     calibration_samples: int = Field(default=32, gt=0)
     calibration_seq_len: int = Field(default=256, gt=0)
+    # scaling ratios AWQ tries per layer group (llm-compressor's n_grid); its cost is linear in it
+    n_grid: int = Field(default=20, gt=0)
 
 
 class GGUFConfig(_Strict):

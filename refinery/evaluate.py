@@ -235,9 +235,17 @@ def _chain_candidate(art: Artifact, label: str, note: str) -> Candidate:
 
 
 def base_gguf(base: Artifact, work: Path, log: Callable[[str], Any]) -> Candidate:
-    """base_model as an F16 GGUF (made once per base version, in the work directory)."""
+    """base_model as a GGUF for its task scores: the published GGUF it was converted from when
+    there is one (the embedded SmolLM2, Q4_1: the model as its authors ship it, no conversion),
+    else an F16 GGUF made once per base version in the work directory."""
+    from refinery.base_model import published_gguf
     from refinery.gguf_export import convert_to_gguf
 
+    published = published_gguf(base)
+    if published is not None:
+        return Candidate("base_model", "base_model", base.version, "base", published,
+                         base.manifest["metrics"]["source"]["sha256"], None,
+                         f"the model before fine-tuning, as published ({published.name})")
     path = work / f"base_model.{base.version}.F16.gguf"
     if not path.exists():
         log(f"{STAGE}: base_model as an F16 GGUF for its task scores")

@@ -98,10 +98,18 @@ def build_token_set(tokenize: Callable[[str], list[int]], wikitext: str, convers
 # --------------------------------------------------------------------------- scoring
 
 
-def _log_softmax(logits: np.ndarray):
+def _log_probs(logits: np.ndarray, rows: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``rows`` positions' logits and their log-probabilities, written into ``out``
+    (float32, or the reference's float16 rows) as logits - logsumexp(logits) in one pass.
+    Returns (logits, logsumexp)."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).log_softmax(-1)
+    z = np.ascontiguousarray(logits[:rows], dtype=np.float32)
+    if z.shape != out.shape:
+        raise ValueError(f"vocabulary {z.shape[1]} differs from the reference's {out.shape[1]}")
+    lse = torch.logsumexp(torch.from_numpy(z), -1).numpy()
+    np.subtract(z, lse[:, None], out=out, casting="same_kind")
+    return z, lse
 
 
 def reference_path(work: Path, reference_sha: str, tokens: TokenSet) -> Path:
@@ -121,13 +129,12 @@ def write_reference(chunk_logits: Callable[[np.ndarray], np.ndarray], tokens: To
     stats = _empty_stats(n_chunks)
     try:
         for i, ids in enumerate(tokens.chunks):
-            logp = _log_softmax(chunk_logits(ids)[:rows])
+            logits = chunk_logits(ids)
             if memmap is None:
                 memmap = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                                   shape=(n_chunks * rows, logp.shape[1]))
-            memmap[i * rows:(i + 1) * rows] = logp.half().numpy()
-            target = _targets(ids)
-            stats["nll"][i] = float(-logp.gather(1, target).sum())
+                                                   shape=(n_chunks * rows, logits.shape[1]))
+            z, lse = _log_probs(logits, rows, memmap[i * rows:(i + 1) * rows])
+            stats["nll"][i] = float((lse - z[np.arange(rows), ids[1:]]).sum())
             stats["count"][i] = rows
             stats["top1"][i] = rows
             progress(i + 1, n_chunks)
@@ -140,21 +147,43 @@ def write_reference(chunk_logits: Callable[[np.ndarray], np.ndarray], tokens: To
     return stats
 
 
-def _targets(ids: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.asarray(ids[1:], dtype=np.int64)).unsqueeze(1)
-
-
 def _empty_stats(n_chunks: int) -> dict[str, Any]:
     return {"nll": np.zeros(n_chunks), "kld": np.zeros(n_chunks), "top1": np.zeros(n_chunks),
             "count": np.zeros(n_chunks)}
 
 
+def _reference_rows(reference: Path, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per reference position: sum_v p log p (minus the entropy) and the most likely token, from
+    the stored float16 log-probabilities exactly as ``score`` reads them. They are the same for
+    every candidate: computed once and kept next to the reference (written under a temporary
+    name, then renamed)."""
+    import torch
+
+    side = reference.with_name(f"{reference.stem}.rows.npz")
+    if side.exists():
+        data = np.load(side)
+        return data["neg_entropy"], data["top1"]
+    ref = np.load(reference, mmap_mode="r")
+    neg_entropy, top1 = np.empty(len(ref)), np.empty(len(ref), np.int64)
+    for start in range(0, len(ref), rows):
+        logp = torch.from_numpy(np.array(ref[start:start + rows])).float()
+        neg_entropy[start:start + rows] = np.einsum("ij,ij->i", logp.exp().numpy(), logp.numpy())
+        top1[start:start + rows] = logp.numpy().argmax(-1)
+    tmp = side.with_name(f".{side.name}.tmp.npz")
+    np.savez(tmp, neg_entropy=neg_entropy, top1=top1)
+    tmp.rename(side)
+    return neg_entropy, top1
+
+
 def score(chunk_logits: Callable[[np.ndarray], np.ndarray], tokens: TokenSet, reference: Path,
           progress: Callable[[int, int], Any] = lambda i, n: None) -> dict[str, Any]:
     """Per-chunk sums (nll, KL divergence, top-1 agreements, positions) and the per-position KL
-    divergences of one candidate against the stored reference."""
+    divergences of one candidate against the stored reference.
+
+    KL(P || Q) = sum p log p - sum p log q per position, with the first sum taken once per
+    reference (``_reference_rows``) and log q = logits - logsumexp(logits): a few passes over the
+    (positions x vocabulary) logits per chunk, 0.12 s on 2 cores for 511 x 49152 (0.23 s as
+    log-softmaxes of both sides), against about 1.0 s for llama.cpp to compute the logits."""
     import torch
 
     n_chunks, width = tokens.chunks.shape
@@ -162,18 +191,20 @@ def score(chunk_logits: Callable[[np.ndarray], np.ndarray], tokens: TokenSet, re
     ref = np.load(reference, mmap_mode="r")
     if ref.shape[0] != n_chunks * rows:
         raise ValueError(f"{reference}: {ref.shape[0]} reference rows for a token set of {n_chunks * rows}")
+    neg_entropy, ref_top1 = _reference_rows(reference, rows)
     stats = _empty_stats(n_chunks)
     kld_tokens = np.empty(n_chunks * rows, dtype=np.float32)
+    logq = np.empty((rows, ref.shape[1]), dtype=np.float32)
     for i, ids in enumerate(tokens.chunks):
-        logq = _log_softmax(chunk_logits(ids)[:rows])
-        if logq.shape[1] != ref.shape[1]:
-            raise ValueError(f"vocabulary {logq.shape[1]} differs from the reference's {ref.shape[1]}")
-        logp = torch.from_numpy(np.asarray(ref[i * rows:(i + 1) * rows], dtype=np.float32))
-        kld = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # float16 rounding can go a hair below 0
-        kld_tokens[i * rows:(i + 1) * rows] = kld.numpy()
-        stats["nll"][i] = float(-logq.gather(1, _targets(ids)).sum())
+        z, _lse = _log_probs(chunk_logits(ids), rows, logq)
+        part = slice(i * rows, (i + 1) * rows)
+        p = torch.from_numpy(np.array(ref[part])).float().exp_().numpy()
+        # float16 rounding of the reference can take a position a hair below 0
+        kld = np.maximum(neg_entropy[part] - np.einsum("ij,ij->i", p, logq), 0)
+        kld_tokens[part] = kld
+        stats["nll"][i] = float(-logq[np.arange(rows), ids[1:]].sum())
         stats["kld"][i] = float(kld.sum())
-        stats["top1"][i] = float((logq.argmax(-1) == logp.argmax(-1)).sum())
+        stats["top1"][i] = float((z.argmax(-1) == ref_top1[part]).sum())
         stats["count"][i] = rows
         progress(i + 1, n_chunks)
     stats["kld_tokens"] = kld_tokens

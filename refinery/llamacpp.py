@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,11 +56,18 @@ def _llama_cpp():
     return llama_cpp
 
 
-def build_has_amx() -> bool:
-    """Whether the installed llama.cpp was built with its AMX kernels (the crash above)."""
+def build_features() -> list[str]:
+    """The CPU features the installed llama.cpp was compiled for (``AVX2``, ``AVX512``, ...), as
+    ``llama_print_system_info`` reports them. `make setup` builds for the machine it runs on:
+    AVX512 where the CPU has it (1.5x faster prompt evaluation than AVX2, docs/stack.md)."""
     import llama_cpp
 
-    return "AMX" in llama_cpp.llama_print_system_info().decode(errors="replace")
+    return re.findall(r"\b([A-Z][A-Z0-9_]*) = 1\b", llama_cpp.llama_print_system_info().decode(errors="replace"))
+
+
+def build_has_amx() -> bool:
+    """Whether the installed llama.cpp was built with its AMX kernels (the crash above)."""
+    return any(name.startswith("AMX") for name in build_features())
 
 
 def require() -> None:
@@ -91,7 +99,6 @@ def physical_cores() -> int:
 def gpu_layers() -> int:
     """Every layer on the GPU when llama.cpp was built with GPU support and REFINERY_LLAMACPP_GPU=1
     (the runner sets it when compute.device resolves to cuda); none otherwise."""
-
     llama_cpp = _llama_cpp()
     wanted = os.environ.get("REFINERY_LLAMACPP_GPU") == "1"
     return -1 if wanted and llama_cpp.llama_cpp.llama_supports_gpu_offload() else 0
@@ -181,7 +188,7 @@ def tokens_per_second(gguf_path: Path | str, n_tokens: int = 64, n_threads: int 
             "prompt_tokens_per_second": len(prompt) / prompt_s,
             "generated_tokens": generated, "generation_seconds": round(gen_s, 4),
             "generation_tokens_per_second": generated / gen_s if gen_s else None,
-            "n_threads": llm.n_threads}
+            "n_threads": llm.n_threads, "cpu_features": build_features()}
 
 
 @contextmanager

@@ -38,6 +38,7 @@ from refinery.records import read_table
 
 STAGE = "qlora_model"
 TRAINER_PLUGIN = "refinery.train.TrainerPlugin"
+AUTOCAST_ENV = "REFINERY_TRAIN_AUTOCAST"  # compute.autocast, resolved, for TrainerPlugin in axolotl's process
 RUN_LOG = "train_runs.jsonl"  # one line per axolotl run: the step it started and ended at
 HISTORY = "log_history.json"  # the trainer's full log history, written when training ends
 
@@ -236,15 +237,19 @@ def axolotl_command(config_path: Path, processes: int = 1) -> list[str]:
 
 
 def run_axolotl(config_path: Path, log_path: Path, log: Callable[[str], Any], *, processes: int = 1,
-                hide_gpus: bool = False, max_steps: int | None = None, start_step: int = 0) -> None:
+                hide_gpus: bool = False, max_steps: int | None = None, start_step: int = 0,
+                autocast: str | None = None) -> None:
     """Run ``axolotl.cli.train`` on ``config_path``; its output goes to ``log_path``.
 
     ``hide_gpus``: compute.device is cpu on a machine with a GPU; axolotl would take the GPU.
     ``max_steps``: progress with an ETA is logged per training step (the trainer logs every step).
+    ``autocast``: the training forward passes in this dtype's autocast (TrainerPlugin).
     """
     env = stage_environment()  # what axolotl needs, no secrets it did not ask for
     if hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if autocast:
+        env[AUTOCAST_ENV] = autocast
     cmd = axolotl_command(config_path, processes)
     log(f"running {' '.join(cmd)} (output: {log_path})")
     with open(log_path, "a", encoding="utf-8") as out:
@@ -274,12 +279,15 @@ except ImportError:
 
 
 class TrainerPlugin(_AxolotlPlugin):  # type: ignore[misc, valid-type]
-    """axolotl plugin: record where each run started and ended and the full loss history."""
+    """axolotl plugin: record where each run started and ended and the full loss history; on the
+    CPU, run the forward passes in bf16 autocast when compute.autocast resolves to it."""
 
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list:
         from transformers import TrainerCallback
 
         output_dir = Path(cfg.output_dir)
+        if os.environ.get(AUTOCAST_ENV):
+            autocast_training(trainer, os.environ[AUTOCAST_ENV])
 
         class _Recorder(TrainerCallback):
             start_step = 0
@@ -302,6 +310,24 @@ class TrainerPlugin(_AxolotlPlugin):  # type: ignore[misc, valid-type]
                                         if torch.cuda.is_available() else None}) + "\n")
 
         return [_Recorder()]
+
+
+def autocast_training(trainer: Any, dtype: str) -> None:
+    """The trainer's forward passes (``compute_loss``, training and evaluation) in CPU autocast of
+    ``dtype``: matmuls in bf16 over the fp32 LoRA weights and the NF4-dequantized base, as
+    recovery does (compute.autocast) and as axolotl's ``bf16: true`` does on a GPU, which
+    transformers refuses on a CPU (docs/training.md). The backward pass follows the forward's
+    dtypes."""
+    import torch
+
+    inner = trainer.compute_loss
+
+    def compute_loss(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+            return inner(*args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    print(f"refinery: training forward passes in {dtype} autocast (compute.autocast)", flush=True)
 
 
 
@@ -388,7 +414,8 @@ def build(profile: Profile, *, inputs: dict[str, Artifact], home: Path, log=prin
         log(f"qlora_model: resuming from checkpoint-{resume_from} (a run of the same identity was interrupted)")
     run_axolotl(config_path, work / "axolotl.log", log,
                 processes=placement.count if cfg.distributed != "none" else 1,
-                hide_gpus=placement.device == "cpu", max_steps=cfg.max_steps, start_step=resume_from)
+                hide_gpus=placement.device == "cpu", max_steps=cfg.max_steps, start_step=resume_from,
+                autocast=placement.autocast if placement.device == "cpu" else None)
     train_seconds = time.perf_counter() - train_start
 
     runs = _read_runs(output_dir)

@@ -107,3 +107,11 @@ def test_there_is_no_autoawq_backend(tmp_path):
     path.write_text("awq: {backend: autoawq}\n")
     with pytest.raises(ProfileError, match=r"awq\.backend"):
         load_profile(str(path))
+
+
+def test_the_grid_size_reaches_the_modifier():
+    """awq.n_grid (the demo tries 10 scaling ratios, llm-compressor's default is 20)."""
+    modifiers = awq.recipe(smoke_profile(awq={"n_grid": 7}).awq)
+    assert modifiers[0].n_grid == 7
+    assert awq.recipe(load_profile("smoke").awq)[0].n_grid == 20
+    assert load_profile("demo").awq.n_grid == 10

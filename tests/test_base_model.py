@@ -167,3 +167,11 @@ def test_smollm2_from_embedded_gguf(smollm2_home):
 
     again, reused = runner.run("base_model", {}, load_profile("demo"), home=smollm2_home, log=quiet)
     assert reused and again.version == art.version
+    # the report scores the base model's tasks on the file it was converted from
+    assert base_model.published_gguf(art) == base_model.embedded_gguf()
+
+
+def test_a_base_model_not_made_from_the_embedded_gguf_has_no_published_file(tiny):
+    """tiny_random reads the embedded GGUF's tokenizer only: its weights are its own."""
+    assert tiny.manifest["metrics"]["source"]["file"] == base_model.embedded_gguf().name
+    assert base_model.published_gguf(tiny) is None
