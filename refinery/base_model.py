@@ -234,6 +234,10 @@ def fingerprint(profile: Profile) -> dict[str, Any] | None:
     profile's base_model section."""
     if profile.base_model.kind not in ("smollm2_gguf", "tiny_random"):
         return None
+    return _embedded_fingerprint()
+
+
+def _embedded_fingerprint() -> dict[str, str]:
     path = embedded_gguf()
     stat = path.stat()
     return {"file": path.name, "sha256": _embedded_checksum(str(path), stat.st_size, stat.st_mtime_ns)}
@@ -243,15 +247,11 @@ def published_gguf(art: Artifact) -> Path | None:
     """The GGUF a base_model artifact was converted from (kind smollm2_gguf), when that file is
     still on disk unchanged: the same model in llama.cpp's own format (bf16 rounding of the
     dequantized weights apart). None for every other kind."""
-    source = art.manifest.get("metrics", {}).get("source") or {}
     if (art.manifest.get("config") or {}).get("base_model", {}).get("kind") != "smollm2_gguf":
         return None
-    path = embedded_gguf()
-    stat = path.stat()
-    if path.name != source.get("file") or \
-            _embedded_checksum(str(path), stat.st_size, stat.st_mtime_ns) != source.get("sha256"):
-        return None
-    return path
+    source = art.manifest.get("metrics", {}).get("source") or {}
+    now = _embedded_fingerprint()
+    return embedded_gguf() if (source.get("file"), source.get("sha256")) == (now["file"], now["sha256"]) else None
 
 
 def build(profile: Profile, *, inputs: dict[str, Artifact] | None = None, home: Path,
