@@ -114,4 +114,3 @@ def test_the_grid_size_reaches_the_modifier():
     modifiers = awq.recipe(smoke_profile(awq={"n_grid": 7}).awq)
     assert modifiers[0].n_grid == 7
     assert awq.recipe(load_profile("smoke").awq)[0].n_grid == 20
-    assert load_profile("demo").awq.n_grid == 10
