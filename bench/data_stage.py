@@ -186,12 +186,14 @@ def stage_child(args) -> dict:
     raw = ingest_to([SourceConfig(name="bench", path=args.stage_input, format="openai")], out / "raw",
                     max_record_bytes=profile.ingest.max_record_bytes, batch_records=profile.data_engine.batch_records)
     t1, c1 = time.perf_counter(), time.process_time()
-    ctx = StageContext.build(profile, eval_texts_for(profile))
-    result = run_stage(out / "raw" / "records.parquet", out / "curated", profile, map_fn=local_map(ctx))
+    built = [StageContext.build(profile, eval_texts_for(profile))]
+    ngrams = len(built[0].decontam) if built[0].decontam else 0
+    # no reference kept here: run_stage frees the model and the n-gram index once the batches are mapped
+    result = run_stage(out / "raw" / "records.parquet", out / "curated", profile, map_fn=local_map(built.pop()))
     t2, c2 = time.perf_counter(), time.process_time()
     return {"stage_seconds": t2 - t0, "stage_cpu_seconds": c2 - c0, "ingest_seconds": t1 - t0,
             "ingest_cpu_seconds": c1 - c0, "curate_seconds": t2 - t1, "write_seconds": result.stats["seconds"]["write"],
-            "decontam_ngrams": len(ctx.decontam) if ctx.decontam else 0, "ingested": raw["kept"],
+            "decontam_ngrams": ngrams, "ingested": raw["kept"],
             "peak_rss_bytes": peak_rss_bytes(), "stats": result.stats, "counts": result.counts}
 
 

@@ -98,8 +98,9 @@ class DedupConfig(_Strict):
     false_negative_weight: float = Field(default=0.95, gt=0, lt=1)
     batch_size: int = Field(default=50_000, gt=0)
     # candidate pairs are verified in runs whose texts add up to this many characters (memory:
-    # about 12 bytes each); buckets are never capped, so this is what bounds the verification
-    verify_chunk_chars: int = Field(default=8_000_000, gt=0)
+    # about 12 bytes each); buckets are never capped, so this is what bounds the verification.
+    # 2M: 80 MB less peak than 8M at 640K records, same time (bench/data_stage.py, docs/data.md)
+    verify_chunk_chars: int = Field(default=2_000_000, gt=0)
     seed: int = 1
 
 
@@ -110,7 +111,9 @@ class DataEngineConfig(_Strict):
     # ray: the cluster's address (ray://host:10001 or host:6379); None starts a local Ray
     address: str | None = None
     workers: int = Field(default=2, gt=0)  # map tasks in flight (local Ray: its CPUs)
-    batch_records: int = Field(default=20_000, gt=0)  # records a step holds at once (~25 MB of text each 1K)
+    # records a step holds at once (~25 MB of text each 1K); 5,000 mapped 640K records faster than
+    # 20,000 and with 190 MB less peak (bench/data_stage.py, docs/data.md)
+    batch_records: int = Field(default=5_000, gt=0)
     spill_dir: str | None = None  # the normalized texts' spill file; None: the system temp dir
 
 

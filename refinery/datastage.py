@@ -24,6 +24,7 @@ they go to a spill file (``Spill``) and are read back only for the pairs being v
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 import time
@@ -39,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refinery.config import Profile
-from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, features, first_occurrence, index_params,
-                            index_table, near_resolve, normalize_batch, write_index)
+from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, Utf8Texts, features, first_occurrence,
+                            index_params, index_table, near_resolve, normalize_batch, write_index)
 from refinery.records import CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, TEXT_ROLES, joined_text
 
 REASONS = ("non_english", "contaminated", "exact_duplicate", "near_duplicate")
@@ -141,26 +142,44 @@ class Spill:
         self._offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
         self._lengths: list[np.ndarray] = []  # code points, for the verification budget
         self._end = 0
+        self._all: np.ndarray | None = None  # the offsets as one array, until the next append
 
     def append(self, norm: NormBatch | list[str]) -> None:
-        texts = norm.texts() if isinstance(norm, NormBatch) else norm
-        data = [t.encode("utf-8", "surrogatepass") for t in texts]
-        sizes = np.fromiter(map(len, data), np.int64, len(data))
-        self._file.write(b"".join(data))
-        self._offsets.append(self._end + np.cumsum(sizes))
-        self._lengths.append(np.fromiter(map(len, texts), np.int64, len(texts)))
-        self._end += int(sizes.sum())
+        batch = norm if isinstance(norm, NormBatch) else NormBatch.of(norm)
+        utf8 = batch.utf8()  # compiled: no Python string per text
+        self._file.write(memoryview(utf8.data))
+        self._offsets.append(self._end + utf8.offsets[1:])
+        self._lengths.append(batch.lengths())
+        self._end += int(utf8.offsets[-1])
+        self._all = None
 
     def lengths(self) -> np.ndarray:
         return np.concatenate(self._lengths) if self._lengths else np.empty(0, np.int64)
 
-    def take(self, rows: np.ndarray) -> NormBatch:
+    def take_utf8(self, rows: np.ndarray) -> Utf8Texts:
+        """The UTF-8 of ``rows`` (in that order); runs of consecutive rows are one read each."""
         self._file.flush()
-        offsets = np.concatenate(self._offsets)
+        if self._all is None:
+            self._all = np.concatenate(self._offsets)
+        rows = np.asarray(rows, np.int64)
+        lo, hi = self._all[rows], self._all[rows + 1]
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(hi - lo, out=offsets[1:])
+        data = np.empty(int(offsets[-1]), np.uint8)
+        view = memoryview(data)
+        cuts = [0, *(np.flatnonzero(rows[1:] != rows[:-1] + 1) + 1).tolist(), len(rows)]
         fd = self._file.fileno()
-        texts = [os.pread(fd, int(offsets[r + 1] - offsets[r]), int(offsets[r])).decode("utf-8", "surrogatepass")
-                 for r in np.asarray(rows).tolist()]
-        return NormBatch.of(texts)
+        for a, b in zip(cuts, cuts[1:]):
+            pos, stop, at = int(offsets[a]), int(offsets[b]), int(lo[a])
+            while pos < stop:  # a read may return less than asked
+                got = os.preadv(fd, [view[pos:stop]], at)
+                if got <= 0:
+                    raise OSError(f"spill file: {stop - pos} bytes missing at offset {at}")
+                pos, at = pos + got, at + got
+        return Utf8Texts(data, offsets)
+
+    def take(self, rows: np.ndarray) -> NormBatch:
+        return self.take_utf8(rows).decode()
 
     def close(self) -> None:
         self._file.close()
@@ -179,10 +198,20 @@ class Verdicts:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _compact(a: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """``a[rows]`` written over the first ``len(rows)`` rows of ``a`` (``rows`` ascending, so no row
+    is overwritten before it is read), a chunk at a time."""
+    for lo in range(0, len(rows), chunk):
+        part = rows[lo:lo + chunk]
+        a[lo:lo + len(part)] = a[part]
+    return a[:len(rows)]
+
+
 def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.ndarray], NormBatch],
                    lengths: np.ndarray, profile: Profile, index: DedupIndex | None = None, *,
                    map_runs: Callable[..., Any] | None = None) -> Verdicts:
     """Exact then near duplicates of the dedup rows (in record order) and against ``index``.
+    Consumes ``feats.sig16`` (reordered in place, then set to None); the rest of ``feats`` stays.
 
     ``texts_of(rows)`` reads the normalized texts of dedup rows; ``map_runs`` computes
     ``verify_pairs``' runs, in a distributed run. Near duplicates come from
@@ -193,15 +222,17 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
     t0 = time.perf_counter()
     index = index or DedupIndex.empty(cfg)
     e, n = len(index), len(ids)
-    first = first_occurrence(np.concatenate([index.exact, feats.exact]))[e:]
+    first = first_occurrence(np.concatenate([index.exact, feats.exact]) if e else feats.exact)[e:]
     exact_dup = first != np.arange(e, e + n)
     unique = np.flatnonzero(~exact_dup)
-    u = feats.take(unique)
     k = cfg.num_perm
-    bands = np.concatenate([index.bands, u.bands]) if e else u.bands
-    sig16 = np.concatenate([np.zeros((e, k), np.uint16), u.sig16]) if e else u.sig16  # existing: always verified
-    filled = np.concatenate([np.zeros(e, np.int32), u.filled]) if e else u.filled
-    del u
+    bands = np.concatenate([index.bands, feats.bands[unique]]) if e else feats.bands[unique]
+    # the pre-filter sketch is the biggest array (2 bytes x num_perm a record) and nothing reads it
+    # after this step: its unique rows move to its front in place instead of into a copy
+    sig16 = _compact(feats.sig16, unique)
+    feats.sig16 = None
+    sig16 = np.concatenate([np.zeros((e, k), np.uint16), sig16]) if e else sig16  # existing: always verified
+    filled = np.concatenate([np.zeros(e, np.int32), feats.filled[unique]]) if e else feats.filled[unique]
     t_cand = time.perf_counter()
 
     def rows_text(rows: np.ndarray) -> NormBatch:
@@ -326,13 +357,25 @@ MapFn = Callable[[Iterable[pa.RecordBatch]], Iterator[Mapped]]
 
 
 def batches(path: Path, size: int) -> Iterator[pa.RecordBatch]:
-    """The record batches of a Parquet file, ``size`` rows each (the stage's unit of memory)."""
-    yield from pq.ParquetFile(path).iter_batches(batch_size=size, columns=RECORD_SCHEMA.names)
+    """The record batches of a Parquet file, ``size`` rows each (the stage's unit of memory).
+    No pre-buffering: Arrow would keep every column chunk it read until the file is closed
+    (400 MB of a 640K-record corpus by its end)."""
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=size, columns=RECORD_SCHEMA.names)
 
 
 def local_map(ctx: StageContext) -> MapFn:
     """map_batch in this process, one batch after another."""
     return lambda stream: (map_batch(b, ctx) for b in stream)
+
+
+def release_free_memory() -> None:
+    """Give freed memory back to the system between steps: Arrow's allocator and glibc's malloc
+    keep what the map step freed (120 MB at 640K records) unless asked."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
@@ -341,27 +384,31 @@ def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
               log: Callable[[str], None] | None = None) -> StageOutput:
     """Curate ``records`` (a records.parquet) into ``out_dir``: kept/rejected/clusters parquet and
     dedup_index/, streaming ``data_engine.batch_records`` records at a time. ``map_fn`` maps the
-    batches (here or on workers); everything after it is the same for every executor."""
+    batches (here or on workers); everything after it is the same for every executor. Pass
+    ``map_fn`` without keeping a reference: what it holds (the language-ID model, the eval n-gram
+    index) is released once the batches are mapped."""
     t0, c0 = time.perf_counter(), time.process_time()
     size = profile.data_engine.batch_records
     index = DedupIndex.load(Path(existing) / INDEX_DIR, profile.dedup) if existing is not None else None
     spill = Spill(spill_dir)
     try:
         parts: list[Mapped] = []
-        feats, ids = [], []
+        ids: list[str] = []
+        store = Features.allocate(pq.ParquetFile(records).metadata.num_rows, profile.dedup)
         for m in map_fn(batches(records, size)):  # in record order, however the executor cut the batches
             spill.append(m.norm)
-            feats.append(m.features)
+            store.put(len(ids), m.features)
             ids += m.ids
-            m.norm, m.features = None, None  # spilled / kept above: only the per-record results stay
+            m.norm, m.features = None, None  # spilled / stored above: only the per-record results stay
             parts.append(m)
         rows = _concat(parts)
-        del parts
+        del parts, map_fn
+        release_free_memory()
         t_map, c_map = time.perf_counter(), time.process_time()
         if log:
             log(f"data stage: mapped {rows.rows} records in {t_map - t0:.1f} s")
-        all_feats = Features.concat(feats) if feats else features(NormBatch.of([]), profile.dedup)
-        del feats
+        all_feats = store.head(len(ids))
+        del store
         verdicts = dedup_verdicts(ids, all_feats, spill.take, spill.lengths(), profile, index, map_runs=map_runs)
         t_dedup = time.perf_counter()
         tally = _write(records, out_dir, profile, rows, verdicts, all_feats, ids, spill, index)
@@ -419,7 +466,7 @@ def _write(records: Path, out_dir: Path, profile: Profile, rows: Mapped, verdict
             keep = np.flatnonzero(verdicts.kind[part] == 0) + part.start
             if len(keep):
                 yield index_table([ids[i] for i in keep.tolist()], feats.exact[keep], feats.bands[keep],
-                                  spill.take(keep).texts())
+                                  spill.take_utf8(keep).arrow())
             start = end
 
     tally.counts["index"] = write_index(out_dir / INDEX_DIR, index_params(profile.dedup), index_parts())

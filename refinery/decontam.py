@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from refinery import dedup_kernels as K
 from refinery.config import Profile
+from refinery.dedup import normalize_batch
 from refinery.eval_tasks import TASKS, doc_texts, load_docs
 
 MIN_SHORT_WORDS = 8
@@ -31,10 +32,21 @@ def _word_grams(batch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cap = max(len(batch.cp), 1)
     h, doc, word = np.empty(cap, np.uint64), np.empty(cap, np.int64), np.empty(cap, np.int64)
     m = K.word_grams(batch.cp, batch.starts, batch.ends, n, _BASE, _SALT, h, doc, word)
-    return h[:m], doc[:m], word[:m]
+    return h[:m].copy(), doc[:m].copy(), word[:m].copy()  # copies: a view would keep all `cap` alive
 
 
 _BASE, _SALT = np.uint64(0x9E3779B97F4A7C15 | 1), np.uint64(0x2545F4914F6CDD1D)
+
+
+def _chunks(texts: list[str], max_chars: int) -> list[int]:
+    """Cut points of consecutive runs of ``texts`` of at most ``max_chars`` characters (at least one text each)."""
+    cuts, size = [0], 0
+    for i, t in enumerate(texts):
+        if size and size + len(t) > max_chars:
+            cuts.append(i)
+            size = 0
+        size += len(t)
+    return cuts + [len(texts)] if texts else cuts
 
 
 class NgramIndex:
@@ -44,34 +56,46 @@ class NgramIndex:
     and punctuation do not hide a copy; n-grams are hashed in compiled code over whole batches.
     """
 
-    def __init__(self, eval_texts: dict[str, list[str]], ngram: int):
-        from refinery.dedup import normalize_batch
-
+    def __init__(self, eval_texts: dict[str, list[str]], ngram: int, chunk_chars: int = 1 << 21):
         self.ngram = ngram
         self.sets = sorted(eval_texts)
         texts = [t for name in self.sets for t in eval_texts[name]]
         owner = np.repeat(np.arange(len(self.sets)), [len(eval_texts[name]) for name in self.sets])
-        batch = normalize_batch(texts)
-        words = np.array([len(t.split()) for t in batch.texts()], np.int64)
-        h, doc, _ = _word_grams(batch, ngram)
-        hashes, owners = [h], [owner[doc]]
+        # a chunk of texts at a time: the n-gram arrays of a whole eval suite would be 24 bytes a
+        # character (260 MB for MMLU + WikiText-2 + ...), the hashes kept are 8 bytes an n-gram
+        cuts = _chunks(texts, chunk_chars)
+        hashes, owners, word_counts = [], [], []
+        for lo, hi in zip(cuts, cuts[1:]):
+            batch = normalize_batch(texts[lo:hi])
+            word_counts.append(np.array([len(t.split()) for t in batch.texts()], np.int64))
+            h, doc, _ = _word_grams(batch, ngram)
+            hashes.append(h)
+            owners.append(owner[lo + doc])
+        words = np.concatenate(word_counts) if word_counts else np.empty(0, np.int64)
         # an item shorter than n words (but not tiny) contributes its whole word sequence
         short = np.flatnonzero((words >= min(ngram, MIN_SHORT_WORDS)) & (words < ngram))
         self.short_lengths = sorted(set(words[short].tolist()))
-        for n in self.short_lengths:
-            sel = short[words[short] == n]
-            h, doc, _ = _word_grams(batch.take(sel), n)
-            hashes.append(h)
-            owners.append(owner[sel[doc]])
-        h, o = np.concatenate(hashes), np.concatenate(owners).astype(np.int32)
+        if len(short):
+            batch = normalize_batch([texts[i] for i in short.tolist()])
+            for n in self.short_lengths:
+                sel = np.flatnonzero(words[short] == n)
+                h, doc, _ = _word_grams(batch.take(sel), n)
+                hashes.append(h)
+                owners.append(owner[short[sel[doc]]])
+        h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        o = (np.concatenate(owners) if owners else np.empty(0)).astype(np.int32)
         order = np.argsort(h, kind="stable")
         self.hashes, self.owners = h[order], o[order]
         self._table = K.hash_table(self.hashes)  # a lookup costs O(1), not a binary search
         # every key starts with a window of the shortest n: those windows go into a Bloom filter of
         # ~16 bits a key (a few MB, stays in cache), so most of a text's words skip the table
         self.prefix = min([ngram, *self.short_lengths])
-        h, doc, word = _word_grams(batch, self.prefix)
-        keys = h[np.where(words[doc] >= ngram, word <= words[doc] - ngram, word == 0)]  # a key's first window
+        keys = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            h, doc, word = _word_grams(normalize_batch(texts[lo:hi]), self.prefix)
+            w = words[lo + doc]
+            keys.append(h[np.where(w >= ngram, word <= w - ngram, word == 0)])  # a key's first window
+        keys = np.concatenate(keys) if keys else np.empty(0, np.uint64)
         self._bits = K.bloom(keys, 1 << max(10, int(np.ceil(np.log2(max(len(keys), 1) / 4)))))
 
     def __len__(self) -> int:
@@ -83,8 +107,6 @@ class NgramIndex:
 
     def find_batch(self, texts: list[str]) -> list[tuple[str, str] | None]:
         """``find`` for many texts at once (the n-grams of the whole batch in one pass)."""
-        from refinery.dedup import normalize_batch
-
         out: list[tuple[str, str] | None] = [None] * len(texts)
         if len(self.hashes) == 0 or not texts:
             return out

@@ -150,10 +150,10 @@ class NormBatch:
 
     def utf8(self) -> Utf8Texts:
         """The texts as UTF-8 (a quarter of the memory for ASCII; ``Utf8Texts.decode`` reverses it)."""
-        out = np.empty(4 * self.chars(), np.uint8)
+        out = np.empty(K.utf8_size(self.cp, self.starts, self.ends), np.uint8)
         offsets = np.empty(len(self) + 1, np.int64)
-        n = K.encode_utf8(self.cp, self.starts, self.ends, out, offsets)
-        return Utf8Texts(out[:n].copy(), offsets)
+        K.encode_utf8(self.cp, self.starts, self.ends, out, offsets)
+        return Utf8Texts(out, offsets)
 
 
 @dataclass
@@ -182,6 +182,10 @@ class Utf8Texts:
 
     def decode(self, rows: np.ndarray | None = None) -> NormBatch:
         return self.normalize(rows, plain=True)
+
+    def arrow(self) -> pa.LargeStringArray:
+        """The texts as an Arrow string column over the same bytes (no Python strings)."""
+        return pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
 
     def chunks(self, max_bytes: int = CHUNK_BYTES, max_rows: int | None = None) -> Iterator[np.ndarray]:
         """Consecutive row ranges of at most ``max_bytes`` of text (and ``max_rows`` rows), at least one row each."""
@@ -397,7 +401,7 @@ class Features:
 
     exact: np.ndarray  # uint64[n, 2]
     bands: np.ndarray  # uint64[n, bands]
-    sig16: np.ndarray  # uint16[n, num_perm]
+    sig16: np.ndarray | None  # uint16[n, num_perm]; None once near dedup has consumed it
     filled: np.ndarray  # int32[n]
 
     def __len__(self) -> int:
@@ -406,6 +410,21 @@ class Features:
     @classmethod
     def concat(cls, parts: Sequence[Features]) -> Features:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("exact", "bands", "sig16", "filled")))
+
+    @classmethod
+    def allocate(cls, n: int, cfg: DedupConfig) -> Features:
+        """Room for ``n`` records, filled with ``put`` (no list of parts to concatenate: that
+        would hold every array twice)."""
+        return cls(np.empty((n, 2), U64), np.empty((n, index_params(cfg)["bands"]), U64),
+                   np.empty((n, cfg.num_perm), np.uint16), np.empty(n, np.int32))
+
+    def put(self, at: int, part: Features) -> None:
+        for f in ("exact", "bands", "sig16", "filled"):
+            getattr(self, f)[at:at + len(part)] = getattr(part, f)
+
+    def head(self, n: int) -> Features:
+        """The first ``n`` records (views)."""
+        return Features(self.exact[:n], self.bands[:n], self.sig16[:n], self.filled[:n])
 
     def take(self, rows: np.ndarray) -> Features:
         return Features(self.exact[rows], self.bands[rows], self.sig16[rows], self.filled[rows])
@@ -543,9 +562,12 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
     # rarest-first prefixes of the rows of big buckets (a count pass, then the keys): the exact
     # bounds pay off where a row meets many others; elsewhere a pair goes to the exact check as it is
     lengths = np.ascontiguousarray(lengths, np.int64)
-    big = (bucket >= 0) & (capacity[np.maximum(bucket, 0)] > BOUND_BUCKET)
-    bounded = np.flatnonzero(big.any(axis=1))
-    del big
+    large = np.append(capacity > BOUND_BUCKET, False)  # the last entry answers bucket -1
+    in_large = np.zeros(n, bool)
+    for b in range(n_bands):  # a band at a time: no (rows x bands) temporaries
+        in_large |= large[bucket[:, b]]
+    bounded = np.flatnonzero(in_large)
+    del large, in_large
     meta = np.zeros((n, 4), np.int64)  # dedup_kernels.SIZE (-1: no prefix), FILLED, P0, P1
     meta[:, K.SIZE] = -1
     meta[:, K.FILLED] = filled
@@ -701,13 +723,13 @@ class DedupIndex:
         return cls(params, ids, exact, flat.astype(U64).reshape(len(ids), params["bands"]), NormBatch.of(texts))
 
 
-def index_table(ids: Sequence[str], exact: np.ndarray, bands: np.ndarray, texts: Sequence[str]) -> pa.Table:
+def index_table(ids: Sequence[str], exact: np.ndarray, bands: np.ndarray, texts: Sequence[str] | pa.Array) -> pa.Table:
     return pa.table({
         "id": pa.array(ids, pa.string()),
         "exact_hash": pa.array(exact[:, 0], pa.uint64()),
         "exact_hash2": pa.array(exact[:, 1], pa.uint64()),
         "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), bands.shape[1]),
-        "text": pa.array(texts, pa.large_string()),
+        "text": texts if isinstance(texts, pa.Array) else pa.array(texts, pa.large_string()),
     })
 
 

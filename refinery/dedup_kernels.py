@@ -86,6 +86,17 @@ def normalize_utf8(data, offsets, rows, cls, lower, plain, out, out_starts, out_
 
 
 @nb.njit(cache=True, nogil=True)
+def utf8_size(cp, starts, ends):
+    """Bytes ``encode_utf8`` writes for these texts."""
+    n = 0
+    for t in range(len(starts)):
+        for i in range(starts[t], ends[t]):
+            c = cp[i]
+            n += 1 if c < 0x80 else 2 if c < 0x800 else 3 if c < 0x10000 else 4
+    return n
+
+
+@nb.njit(cache=True, nogil=True)
 def encode_utf8(cp, starts, ends, out, out_offsets):
     """The texts of a NormBatch as UTF-8 (surrogates as surrogatepass would write them); returns bytes written."""
     o = 0

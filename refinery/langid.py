@@ -109,7 +109,7 @@ class LanguageIdentifier:
                     labels.append("und")
                     scores[i] = 0.0
                     continue
-                labels.append(labs[0][skip:])
+                labels.append(sys.intern(labs[0][skip:]))  # one string per language, not per record
                 scores[i] = min(float(probs[0]), 1.0)  # fastText can return 1.00001
                 for lab, p in zip(labs, probs):
                     if lab == self.english:

@@ -3,14 +3,15 @@ same steps on Ray (local, 2 workers) keep the same records as one process."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from refinery.config import DataEngineConfig, load_profile
 from refinery.curate import curate
-from refinery.datastage import StageContext, local_map, run_stage
-from refinery.dedup import DedupIndex
+from refinery.datastage import Spill, StageContext, _compact, local_map, run_stage
+from refinery.dedup import DedupIndex, NormBatch
 from refinery.records import RECORD_SCHEMA
 from tests.test_curate import alpaca, edit_words, records_from
 
@@ -61,6 +62,7 @@ def test_streaming_small_batches_equal_in_memory(corpus, tmp_path):
     assert got == want
     index = DedupIndex.load(tmp_path / "out" / "dedup_index", profile.dedup)
     assert len(index) == out.index_records == c["kept"] and sorted(index.ids) == sorted(memory.index.ids)
+    assert sorted(zip(index.ids, index.texts)) == sorted(zip(memory.index.ids, memory.index.texts))
     assert out.stats["dedup"]["largest_bucket"] >= 2
 
 
@@ -77,3 +79,25 @@ def test_ray_two_workers_keep_what_one_process_keeps(corpus, tmp_path):
         ray.shutdown()
     assert fates(tmp_path / "ray") == fates(tmp_path / "local")
     assert distributed.counts == local.counts and distributed.counts["near_duplicate"] >= 55
+
+
+def test_spill_reads_back_any_rows_in_any_order(tmp_path):
+    texts = ["plain ascii", "café ünïcode", "日本語のテキスト", "emoji 🙂 here", "", "x" * 5000]
+    spill = Spill(tmp_path)
+    spill.append(NormBatch.of(texts[:3]))
+    spill.append(texts[3:])  # a Ray worker's batch travels as strings
+    rows = np.array([5, 0, 1, 2, 4, 3, 3, 1])  # runs of consecutive rows, repeats, backwards
+    try:
+        assert spill.take(rows).texts() == [texts[i] for i in rows]
+        assert spill.take_utf8(rows).arrow().to_pylist() == [texts[i] for i in rows]
+        assert spill.lengths().tolist() == [len(t) for t in texts]
+    finally:
+        spill.close()
+
+
+def test_compacting_in_place_equals_taking_a_copy():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 1 << 16, size=(1000, 7)).astype(np.uint16)
+    rows = np.flatnonzero(rng.random(1000) < 0.9)
+    want = a[rows].copy()
+    assert np.array_equal(_compact(a, rows, chunk=64), want)
