@@ -169,7 +169,7 @@ class Spill:
         view = memoryview(data)
         cuts = [0, *(np.flatnonzero(rows[1:] != rows[:-1] + 1) + 1).tolist(), len(rows)]
         fd = self._file.fileno()
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in zip(cuts, cuts[1:]) if len(rows) else ():
             pos, stop, at = int(offsets[a]), int(offsets[b]), int(lo[a])
             while pos < stop:  # a read may return less than asked
                 got = os.preadv(fd, [view[pos:stop]], at)

@@ -91,6 +91,7 @@ def test_spill_reads_back_any_rows_in_any_order(tmp_path):
         assert spill.take(rows).texts() == [texts[i] for i in rows]
         assert spill.take_utf8(rows).arrow().to_pylist() == [texts[i] for i in rows]
         assert spill.lengths().tolist() == [len(t) for t in texts]
+        assert len(spill.take(np.empty(0, np.int64))) == 0  # rows of an existing index only: none from here
     finally:
         spill.close()
 
