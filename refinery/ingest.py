@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from refinery.config import SourceConfig, resolve_path
 from refinery.formats import FORMATS, RecordError, detect_format, to_messages
-from refinery.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, record_id, write_table
+from refinery.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, open_parquet, record_id, write_table
 
 DETECT_SAMPLE = 1000  # records per file that vote on a source's format
 FILE_KINDS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -241,10 +241,8 @@ def _row_item(file: str, line: int, row: dict, max_record_bytes: int) -> RawReco
 
 
 def _read_parquet(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
-    import pyarrow.parquet as pq
-
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise _error(source, path, f"unreadable Parquet: {exc}") from None
     line = 0
