@@ -67,7 +67,7 @@ def _result(gate) -> dg.AssetCheckResult:
             metadata[key] = value if value is not None else "none"
         else:
             metadata[key] = str(value)
-    return dg.AssetCheckResult(passed=gate.passed, metadata=metadata, description=gate.why or None)
+    return dg.AssetCheckResult(passed=gate.passed, metadata=metadata, description=gate.why or gate.note or None)
 
 
 def gate_check(gate) -> dg.AssetChecksDefinition:

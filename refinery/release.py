@@ -50,6 +50,7 @@ class GateResult:
     passed: bool
     metadata: dict[str, Any] = field(default_factory=dict)
     why: str = ""  # one sentence a person reads when the gate blocks
+    note: str = ""  # when it passes having compared nothing: what it had no figure for
 
 
 def _shipped(report: dict[str, Any]) -> dict[str, Any]:
@@ -87,9 +88,10 @@ def check_pareto(report: dict[str, Any]) -> GateResult:
                f"{by['fidelity']['kld_mean']['ci_high']:.4f} or less, below the shipped file's "
                f"{shipped['fidelity']['kld_mean']['ci_low']:.4f} or more at {shipped['zst_bytes']:,} bytes: "
                "a plain llama.cpp quantization is smaller and better")
+    note = "" if p["best_plain_at_size"] else "nothing to compare: every plain quantization tried is larger"
     return GateResult("not_beaten_by_plain_quantization", not p["dominated_by"],
                       {"dominated_by": ", ".join(p["dominated_by"]) or "none",
-                       "best_plain_at_size": p["best_plain_at_size"] or "none", "summary": p["sentence"]}, why)
+                       "best_plain_at_size": p["best_plain_at_size"] or "none", "summary": p["sentence"]}, why, note)
 
 
 def check_retention(report: dict[str, Any]) -> GateResult:
@@ -110,8 +112,10 @@ def check_retention(report: dict[str, Any]) -> GateResult:
             kept = "an undefined share" if r.get("value") is None else f"{r['value']:.3f}"
             bound = "undefined" if low is None else f"{low:.3f}"
             failed.append(f"{task} keeps {kept} of {BASELINE}'s score (lower bound {bound}), below {threshold}")
+    gated = any(report["gates"]["min_retention"].get(task) is not None for task in report["tasks"])
     return GateResult("retention_meets_thresholds", not failed, {"stage": SHIPPED, "baseline": BASELINE,
-                                                                 "tasks": rows}, "; ".join(failed))
+                                                                 "tasks": rows}, "; ".join(failed),
+                      "" if gated else "nothing to compare: no task has a retention threshold")
 
 
 def check_llamacpp(report: dict[str, Any]) -> GateResult:
@@ -340,7 +344,8 @@ def model_card(report: dict[str, Any], profile: Profile, recipes: list[str], gat
               "Dagster UI.", "",
               "| gate | passed | what it checks |", "|---|---|---|"]
     for gate, g in zip(GATES, gate_results):
-        lines.append(f"| {g.name} | {'yes' if g.passed else '**no**: ' + g.why} | "
+        verdict = ("yes" + (f" ({g.note})" if g.note else "")) if g.passed else "**no**: " + g.why
+        lines.append(f"| {g.name} | {verdict} | "
                      f"{(gate.__doc__ or '').strip().splitlines()[0]} |")
     if shipped.get("tokens_per_second") is not None:
         lines += ["", f"llama.cpp CPU speed where it was measured: {shipped['tokens_per_second']:.1f} tokens/s generated."]

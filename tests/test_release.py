@@ -155,6 +155,7 @@ def test_release_bundle_contents(refinery_home, upstream, tmp_path):
     assert "(this file)" in body and "0.1000 [0.0900, 0.1100]" in body  # KLD with its interval
     assert "0.969 [" in body and " ± " in body  # retention with its interval, scores with errors
     assert "mmlu carries no retention gate" in body
+    assert "| not_beaten_by_plain_quantization | yes (nothing to compare: every plain quantization tried is larger) |" in body
     assert "## Known limits" in body and "% of GPT" not in body
     assert "| humaneval | pass@1 | - | - | not executed |" in body  # no number for code not run
     assert "QLoRA (rank 8)" in body  # described from what the artifacts recorded
@@ -189,6 +190,13 @@ def test_each_gate_fails_on_its_own_problem(refinery_home, upstream, tmp_path):
     assert failed(make_report(refinery_home, upstream, profile, shipped_kld=0.15, plain_kld=0.14,
                               plain_zst=1000)) == set()
     assert failed(make_report(refinery_home, upstream, profile, llama_cpp_loads=False)) == {"gguf_loads_in_llamacpp"}
+    # a pass that compared nothing says so (the card and the Dagster check show the note)
+    notes = {g.name: g.note for g in gates(json.loads((make_report(refinery_home, upstream, profile).path
+                                                         / "report.json").read_text()))}
+    assert "every plain quantization tried is larger" in notes["not_beaten_by_plain_quantization"]
+    smaller = make_report(refinery_home, upstream, profile, shipped_kld=0.15, plain_kld=0.14, plain_zst=1000)
+    assert not {g.name: g.note for g in gates(json.loads((smaller.path / "report.json").read_text()))}[
+        "not_beaten_by_plain_quantization"]
     assert failed(make_report(refinery_home, upstream, profile, remaining=1)) == {"decontamination_clean"}
     tiny_limit = load_profile(str(write_profile(tmp_path / "small.yaml", max_bytes=1000)))
     assert failed(make_report(refinery_home, upstream, tiny_limit)) == {"release_size_within_limit"}
