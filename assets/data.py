@@ -78,7 +78,7 @@ def _full_sources(profile: Profile, home: Path) -> tuple[list[SourceConfig], Pat
                       "read = kept + quarantined per source.")
 def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig, refinery: RefineryResource,
                duckdb: DuckDBResource) -> dg.MaterializeResult:
-    from refinery.ingest import ingest, source_files, write_raw_corpus
+    from refinery.ingest import ingest_to, source_files
     from refinery.landing import archive, landing_sources
 
     profile, home = refinery.load_profile(), refinery.home_path()
@@ -100,8 +100,9 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig, refin
             if landing:  # a landing batch is an event: its version is its time
                 sources, demo_dir = landing_sources(landing, st.version), None
             st.config["sources"] = [s.model_dump() for s in sources]
-            result = ingest(sources, max_record_bytes=profile.ingest.max_record_bytes, log=context.log.info)
-            st.metrics.update(write_raw_corpus(result, st.path))
+            # streamed to records.parquet a batch at a time: memory does not grow with the sources
+            st.metrics.update(ingest_to(sources, st.path, max_record_bytes=profile.ingest.max_record_bytes,
+                                        batch_records=profile.data_engine.batch_records, log=context.log.info))
             if demo_dir is not None:  # the held-out tasks and ground truth travel with the corpus they belong to
                 for name in (HELDOUT, GROUND_TRUTH):
                     shutil.copy2(demo_dir / name, st.path / name)

@@ -14,7 +14,8 @@ original is >= the threshold. Precision is checked independently with Python set
 n-gram strings on removed pairs. The naive reference (datasketch MinHash.update per shingle +
 MinHashLSH) runs on a sample in the same process, for the speed ratio.
 
-The stage runs in a child process (its peak RSS is its own) with the profile's data_engine and
+The stage runs in a child process (its peak memory is its own and its map workers', summed as PSS:
+shared pages once) with the profile's data_engine and
 dedup settings: ``ingest_to`` reads the corpus's JSON lines (OpenAI chat format) into
 records.parquet, ``refinery.datastage.run_stage`` curates it batch by batch with decontamination
 against the profile's evaluation sets.
@@ -176,22 +177,27 @@ def stage_child(args) -> dict:
     JSON lines into records.parquet, then the streaming curation (language ID, decontamination
     against the profile's eval sets, exact + near dedup) into the deduped_corpus files."""
     from refinery.config import SourceConfig
-    from refinery.datastage import StageContext, local_map, run_stage
+    from refinery.datastage import StageContext, local_map, local_workers, run_stage
     from refinery.decontam import eval_texts_for
     from refinery.ingest import ingest_to
+    from refinery.modelstats import TreeMemory
 
     profile = load_profile(args.profile)
     out = Path(args.stage_output)
-    t0, c0 = time.perf_counter(), time.process_time()
-    raw = ingest_to([SourceConfig(name="bench", path=args.stage_input, format="openai")], out / "raw",
-                    max_record_bytes=profile.ingest.max_record_bytes, batch_records=profile.data_engine.batch_records)
-    t1, c1 = time.perf_counter(), time.process_time()
-    built = [StageContext.build(profile, eval_texts_for(profile))]
-    ngrams = len(built[0].decontam) if built[0].decontam else 0
-    # no reference kept here: run_stage frees the model and the n-gram index once the batches are mapped
-    result = run_stage(out / "raw" / "records.parquet", out / "curated", profile, map_fn=local_map(built.pop()))
-    t2, c2 = time.perf_counter(), time.process_time()
-    return {"stage_seconds": t2 - t0, "stage_cpu_seconds": c2 - c0, "ingest_seconds": t1 - t0,
+    with TreeMemory() as memory:  # this process and its map workers, shared pages counted once
+        t0, c0 = time.perf_counter(), time.process_time()
+        raw = ingest_to([SourceConfig(name="bench", path=args.stage_input, format="openai")], out / "raw",
+                        max_record_bytes=profile.ingest.max_record_bytes, batch_records=profile.data_engine.batch_records)
+        t1, c1 = time.perf_counter(), time.process_time()
+        built = [StageContext.build(profile, eval_texts_for(profile))]
+        ngrams = len(built[0].decontam) if built[0].decontam else 0
+        # no reference kept here: run_stage frees the model and the n-gram index once the batches are mapped
+        records = out / "raw" / "records.parquet"
+        result = run_stage(records, out / "curated", profile,
+                           map_fn=local_map(built.pop(), local_workers(records, profile)))
+        t2, c2 = time.perf_counter(), time.process_time()
+    return {"stage_seconds": t2 - t0, "tree_pss_peak_bytes": memory.peak_bytes,
+            "map_workers": local_workers(records, profile), "stage_cpu_seconds": c2 - c0, "ingest_seconds": t1 - t0,
             "ingest_cpu_seconds": c1 - c0, "curate_seconds": t2 - t1, "write_seconds": result.stats["seconds"]["write"],
             "decontam_ngrams": ngrams, "ingested": raw["kept"],
             "peak_rss_bytes": peak_rss_bytes(), "stats": result.stats, "counts": result.counts}
@@ -226,6 +232,7 @@ def run_stage(args) -> dict:
         corpus_ids = table["id"].to_pylist()
         row_id = dict(zip(raw_ids["id"].to_pylist(), (corpus_ids[n - 1] for n in raw_ids["source_line"].to_pylist())))
     stage_s, stage_cpu, peak = child["stage_seconds"], child["stage_cpu_seconds"], child["peak_rss_bytes"]
+    tree_peak = child["tree_pss_peak_bytes"]
 
     class _Result:  # what the evaluation below reads
         stats, counts = child["stats"], child["counts"]
@@ -286,6 +293,10 @@ def run_stage(args) -> dict:
         "loadavg_before": load_before, "loadavg_after": load_after, "build_corpus_seconds": round(build_s, 2),
         "stage_seconds": round(stage_s, 2), "stage_cpu_seconds": round(stage_cpu, 2),
         "stage_records_per_second": round(len(ids) / stage_s, 1), "stage_peak_rss_bytes": peak,
+        # the stage process and its forked map workers together (PSS, sampled every 20 ms); the
+        # line above is the stage process's own exact peak (VmHWM), shared pages counted in full
+        "stage_peak_memory_bytes": max(peak, tree_peak), "stage_tree_pss_peak_bytes": tree_peak,
+        "map_workers": child["map_workers"],
         "ingest_seconds": round(child["ingest_seconds"], 2), "ingest_cpu_seconds": round(child["ingest_cpu_seconds"], 2),
         "curate_seconds": round(child["curate_seconds"], 2),
         "curate_breakdown_seconds": {k: round(v, 2) for k, v in secs.items()},

@@ -66,6 +66,7 @@ def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
     t_map, c_map = time.perf_counter(), time.process_time()
     norm = NormBatch.concat([m.norm for m in mapped])
     feats = Features.concat([m.features for m in mapped])
+    bands = feats.bands.copy()  # dedup_verdicts consumes them; the index rows need them after
     ids = [i for m in mapped for i in m.ids]
     index = DedupIndex.load(Path(existing) / INDEX_DIR, profile.dedup) if existing is not None else None
     verdicts = dedup_verdicts(ids, feats, norm.take, norm.ends - norm.starts, profile, index)
@@ -84,7 +85,7 @@ def curate(records: pa.Table, profile: Profile, *, existing: Path | None = None,
     _reconcile(counts, per_source)
     keep = np.flatnonzero(verdicts.kind == 0)
     index = index or DedupIndex.empty(profile.dedup)
-    index.append([ids[i] for i in keep.tolist()], feats.exact[keep], feats.bands[keep], norm.take(keep))
+    index.append([ids[i] for i in keep.tolist()], feats.exact[keep], bands[keep], norm.take(keep))
     t_end = time.perf_counter()
     stats = {"dedup": verdicts.stats, "langid_model": str(ctx.ident.path),
              "seconds": {"map": t_map - t0, "dedup": t_dedup - t_map, "tables": t_end - t_dedup, "total": t_end - t0},

@@ -7,7 +7,7 @@
 - ``map_batch`` (one record batch, independent of every other): fastText language ID,
   decontamination against the eval n-gram index, and for the records still in the running, the
   normalized dedup key and its ``refinery.dedup.Features``. It is the step an executor spreads over
-  workers (refinery.datastage_ray runs it on Ray Data).
+  workers: ``local_map`` over forked processes on this machine, refinery.datastage_ray on Ray Data.
 - ``dedup_verdicts`` (global, on compact arrays: 128-bit exact keys, band keys, a 16-bit MinHash
   sketch; about 400 bytes a record): exact duplicates, LSH candidates, exact-Jaccard verification
   of the candidates (their texts are read back from the spill, ``dedup.verify_chunk_chars`` at a
@@ -40,10 +40,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refinery.config import Profile
+from refinery.parallel import WriteBehind, ordered_map
 from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, Utf8Texts, features, first_occurrence,
                             index_params, index_table, near_resolve, normalize_batch, write_index)
-from refinery.records import (CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, TEXT_ROLES, joined_text,
-                              open_parquet)
+from refinery.records import (CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, TEXT_ROLES, joined_array,
+                              joined_text, open_parquet)
 
 REASONS = ("non_english", "contaminated", "exact_duplicate", "near_duplicate")
 INDEX_DIR = "dedup_index"
@@ -97,7 +98,7 @@ class Mapped:
     dedup_rows: np.ndarray  # rows of the batch that go to dedup
     ids: list[str]  # their ids
     features: Features
-    norm: NormBatch | list[str] | None  # their normalized keys (as str to travel; None once spilled)
+    norm: NormBatch | Utf8Texts | None  # their normalized keys (as UTF-8 to travel; None once spilled)
 
     @property
     def rows(self) -> int:
@@ -119,7 +120,7 @@ def map_batch(batch: pa.RecordBatch | pa.Table, ctx: StageContext,
             found = {i: contaminated[r] for i, r in enumerate(ids) if english[i] and r in contaminated}
         if ctx.decontam is not None:
             rows = np.flatnonzero(english)
-            texts = joined_text(messages.take(pa.array(rows)), TEXT_ROLES["all"], "\n")
+            texts = joined_array(messages.take(pa.array(rows)), TEXT_ROLES["all"], "\n")  # no Python strings
             for i, hit in zip(rows.tolist(), ctx.decontam.find_batch(texts)):
                 if hit and i not in found:
                     found[i] = f"{hit[0]}: shares the {len(hit[1].split())}-gram '{hit[1]}'"
@@ -127,16 +128,21 @@ def map_batch(batch: pa.RecordBatch | pa.Table, ctx: StageContext,
     todo[list(found)] = False
     rows = np.flatnonzero(todo)
     dcfg = profile.dedup
-    norm = normalize_batch(joined_text(messages.take(pa.array(rows, pa.int64())), TEXT_ROLES[dcfg.key], "\n"))
+    norm = normalize_batch(joined_array(messages.take(pa.array(rows, pa.int64())), TEXT_ROLES[dcfg.key], "\n"))
     return Mapped(labels, scores, p_en, english, found, rows, [ids[i] for i in rows.tolist()], features(norm, dcfg), norm)
 
 
 # ------------------------------------------------------------------------------------ spill
 
 
+_FEATURE_FIELDS = ("exact", "bands", "sig16", "filled")
+
+
 class Spill:
-    """Normalized texts on disk (UTF-8, one file), read back by row for verification: the texts
-    of a 50M-record corpus do not fit in memory, their pairs to verify do."""
+    """What the map step produces, on disk until it is read: the normalized texts (UTF-8, one
+    file), read back by row for verification (the texts of a 50M-record corpus do not fit in
+    memory, their pairs to verify do), and the dedup features (a file per array), read back whole
+    by ``features`` once every batch is mapped: while map workers run they are not in memory too."""
 
     def __init__(self, directory: Path | None = None):
         self._file = tempfile.NamedTemporaryFile(prefix="refinery-spill-", dir=directory)
@@ -144,15 +150,49 @@ class Spill:
         self._lengths: list[np.ndarray] = []  # code points, for the verification budget
         self._end = 0
         self._all: np.ndarray | None = None  # the offsets as one array, until the next append
+        self._feature_files = {f: tempfile.TemporaryFile(prefix=f"refinery-spill-{f}-", dir=directory)
+                               for f in _FEATURE_FIELDS}
+        self._feature_shapes: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self._rows = self._texts = 0
 
-    def append(self, norm: NormBatch | list[str]) -> None:
-        batch = norm if isinstance(norm, NormBatch) else NormBatch.of(norm)
-        utf8 = batch.utf8()  # compiled: no Python string per text
+    def append(self, norm: NormBatch | Utf8Texts | list[str], features: Features | None = None) -> None:
+        """Texts at the end of the file: code points, UTF-8 with their lengths (``NormBatch.utf8``,
+        what travels from a worker), or strings; and their features, when given."""
+        if isinstance(norm, list):
+            norm = NormBatch.of(norm)
+        utf8 = norm if isinstance(norm, Utf8Texts) else norm.utf8()  # compiled: no Python string per text
+        if utf8.chars is None:
+            raise ValueError("Spill.append: UTF-8 texts without their lengths in code points")
+        if features is not None:
+            if len(features) != len(utf8) or self._rows != self._texts:  # row r's features are text r's
+                raise ValueError(f"Spill.append: {len(features)} features for {len(utf8)} texts "
+                                 f"({self._rows} features for {self._texts} texts before)")
+            for f in _FEATURE_FIELDS:
+                a = np.ascontiguousarray(getattr(features, f))
+                self._feature_shapes.setdefault(f, (a.dtype, a.shape[1:]))
+                self._feature_files[f].write(memoryview(a).cast("B"))
+            self._rows += len(features)
         self._file.write(memoryview(utf8.data))
         self._offsets.append(self._end + utf8.offsets[1:])
-        self._lengths.append(batch.lengths())
+        self._lengths.append(utf8.chars)
+        self._texts += len(utf8)
         self._end += int(utf8.offsets[-1])
         self._all = None
+
+    def features(self, cfg: Any) -> Features:
+        """Every appended row's features, read into memory (``cfg``: the DedupConfig, for the
+        shapes when nothing was appended)."""
+        if not self._feature_shapes:
+            return Features(np.empty((0, 2), np.uint64), np.empty((0, index_params(cfg)["bands"]), np.uint64),
+                            np.empty((0, cfg.num_perm), np.uint16), np.empty(0, np.int32))
+        out = {}
+        for f, file in self._feature_files.items():
+            dtype, shape = self._feature_shapes[f]
+            file.flush()
+            file.seek(0)
+            out[f] = np.fromfile(file, dtype, self._rows * int(np.prod(shape, dtype=np.int64))).reshape(
+                (self._rows, *shape))
+        return Features(**out)
 
     def lengths(self) -> np.ndarray:
         return np.concatenate(self._lengths) if self._lengths else np.empty(0, np.int64)
@@ -182,8 +222,20 @@ class Spill:
     def take(self, rows: np.ndarray) -> NormBatch:
         return self.take_utf8(rows).decode()
 
+    def feature_rows(self, field: str, rows: np.ndarray) -> np.ndarray:
+        """One feature array's ``rows``, read from its file (not from memory: near dedup consumed it)."""
+        dtype, shape = self._feature_shapes[field]
+        file = self._feature_files[field]
+        file.flush()
+        mapped = np.memmap(file, dtype, "r", shape=(self._rows, *shape))
+        out = np.array(mapped[np.asarray(rows, np.int64)])
+        del mapped
+        return out
+
     def close(self) -> None:
         self._file.close()
+        for file in self._feature_files.values():
+            file.close()
 
 
 # ------------------------------------------------------------------------------------ dedup
@@ -212,7 +264,8 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
                    lengths: np.ndarray, profile: Profile, index: DedupIndex | None = None, *,
                    map_runs: Callable[..., Any] | None = None) -> Verdicts:
     """Exact then near duplicates of the dedup rows (in record order) and against ``index``.
-    Consumes ``feats.sig16`` (reordered in place, then set to None); the rest of ``feats`` stays.
+    Consumes ``feats.sig16`` and ``feats.bands`` (reordered in place, then set to None: they are
+    the largest arrays, and a copy of them was the stage's peak); ``exact`` and ``filled`` stay.
 
     ``texts_of(rows)`` reads the normalized texts of dedup rows; ``map_runs`` computes
     ``verify_pairs``' runs, in a distributed run. Near duplicates come from
@@ -227,7 +280,8 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
     exact_dup = first != np.arange(e, e + n)
     unique = np.flatnonzero(~exact_dup)
     k = cfg.num_perm
-    bands = np.concatenate([index.bands, feats.bands[unique]]) if e else feats.bands[unique]
+    bands = np.concatenate([index.bands, feats.bands[unique]]) if e else _compact(feats.bands, unique)
+    feats.bands = None
     # the pre-filter sketch is the biggest array (2 bytes x num_perm a record) and nothing reads it
     # after this step: its unique rows move to its front in place instead of into a copy
     sig16 = _compact(feats.sig16, unique)
@@ -251,19 +305,29 @@ def dedup_verdicts(ids: Sequence[str], feats: Features, texts_of: Callable[[np.n
     kind = np.zeros(n, np.uint8)
     dup_of: list[str | None] = [None] * n
     similarity = np.full(n, np.nan)
-    for i in np.flatnonzero(exact_dup).tolist():
-        j = int(first[i])
-        kind[i], dup_of[i], similarity[i] = 1, index.ids[j] if j < e else ids[j - e], 1.0
-    for r in np.flatnonzero(dup[e:] >= 0).tolist():
-        a = int(dup[e + r])
-        i = int(unique[r])
-        kind[i], dup_of[i], similarity[i] = 2, index.ids[a] if a < e else ids[int(unique[a - e])], sim[e + r]
+    exact_rows = np.flatnonzero(exact_dup)
+    of = first[exact_rows]  # rows of index + dedup rows
+    for i, name in zip(exact_rows.tolist(), _names(of, index.ids, ids, np.arange(n), e)):
+        kind[i], dup_of[i], similarity[i] = 1, name, 1.0
+    near = np.flatnonzero(dup[e:] >= 0)
+    for r, i, name in zip(near.tolist(), unique[near].tolist(), _names(dup[e + near], index.ids, ids, unique, e)):
+        kind[i], dup_of[i], similarity[i] = 2, name, sim[e + r]
     params = index_params(cfg)
     return Verdicts(kind, dup_of, similarity, {
         "records": n, "existing": e, "bands": params["bands"], "rows": params["rows"], **cstats,
         "rejected_candidates": cstats["bounded_pairs"] + cstats["checked_pairs"] - cstats["verified_pairs"],
         "exact_duplicates": int((kind == 1).sum()), "near_duplicates": int((kind == 2).sum()),
         "seconds": {"exact": t_cand - t0, "near": t_verify - t_cand, "total": time.perf_counter() - t0}})
+
+
+def _names(rows: np.ndarray, index_ids: Sequence[str], ids: Sequence[str] | pa.Array, fresh: np.ndarray,
+           e: int) -> list[str]:
+    """The ids of ``rows`` numbered over index rows (< e) then ``fresh[row - e]`` dedup rows."""
+    rows = np.asarray(rows, np.int64)
+    at = fresh[np.maximum(rows - e, 0)]
+    new = (ids.take(pa.array(at, pa.int64())).to_pylist() if isinstance(ids, pa.Array)
+           else [ids[k] for k in at.tolist()])
+    return [index_ids[j] if j < e else x for j, x in zip(rows.tolist(), new)]
 
 
 # ------------------------------------------------------------------------------------ assemble
@@ -357,14 +421,38 @@ class StageOutput:
 MapFn = Callable[[Iterable[pa.RecordBatch]], Iterator[Mapped]]
 
 
-def batches(path: Path, size: int) -> Iterator[pa.RecordBatch]:
+MAP_COLUMNS = ["id", "messages"]  # what map_batch reads: the rest (``original`` is as big) waits for the write
+
+
+def batches(path: Path, size: int, columns: Sequence[str] = RECORD_SCHEMA.names) -> Iterator[pa.RecordBatch]:
     """The record batches of a Parquet file, ``size`` rows each (the stage's unit of memory)."""
-    yield from open_parquet(path).iter_batches(batch_size=size, columns=RECORD_SCHEMA.names)
+    yield from open_parquet(path).iter_batches(batch_size=size, columns=list(columns))
 
 
-def local_map(ctx: StageContext) -> MapFn:
-    """map_batch in this process, one batch after another."""
-    return lambda stream: (map_batch(b, ctx) for b in stream)
+def _map_to_send(ctx: StageContext, batch: pa.RecordBatch) -> Mapped:
+    m = map_batch(batch, ctx)
+    m.norm = m.norm.utf8()  # travels as UTF-8 (1 byte a character in English), not code points
+    return m
+
+
+def local_map(ctx: StageContext, workers: int = 1) -> MapFn:
+    """map_batch on this machine: in this process, or in ``workers`` forked processes that share
+    ``ctx`` (refinery.parallel), the batches in flight bounded and the results in record order."""
+    if workers <= 1:
+        return lambda stream: (map_batch(b, ctx) for b in stream)
+
+    def forked(stream: Iterable[pa.RecordBatch]) -> Iterator[Mapped]:
+        release_free_memory()  # pages the parent freed but kept would be shared, and copied when reused
+        return ordered_map(_map_to_send, ctx, stream, workers)
+
+    return forked
+
+
+def local_workers(records: Path, profile: Profile) -> int:
+    """Processes for the local map: ``data_engine.workers``, but one when the input is a single
+    batch (a worker would only add its start-up)."""
+    rows = pq.ParquetFile(records).metadata.num_rows
+    return min(profile.data_engine.workers, -(-rows // profile.data_engine.batch_records)) or 1
 
 
 def release_free_memory() -> None:
@@ -392,13 +480,11 @@ def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
     spill = Spill(spill_dir)
     try:
         parts: list[Mapped] = []
-        ids: list[str] = []
-        store = Features.allocate(pq.ParquetFile(records).metadata.num_rows, profile.dedup)
-        for m in map_fn(batches(records, size)):  # in record order, however the executor cut the batches
-            spill.append(m.norm)
-            store.put(len(ids), m.features)
-            ids += m.ids
-            m.norm, m.features = None, None  # spilled / stored above: only the per-record results stay
+        id_parts: list[pa.Array] = []  # Arrow, not a list of str: 20 bytes a record instead of ~75
+        for m in map_fn(batches(records, size, MAP_COLUMNS)):  # in record order, however the executor cut them
+            spill.append(m.norm, m.features)
+            id_parts.append(pa.array(m.ids, pa.string()))
+            m.norm, m.features, m.ids = None, None, []  # spilled / kept above: only the per-record results stay
             parts.append(m)
         rows = _concat(parts)
         del parts, map_fn
@@ -406,8 +492,9 @@ def run_stage(records: Path, out_dir: Path, profile: Profile, *, map_fn: MapFn,
         t_map, c_map = time.perf_counter(), time.process_time()
         if log:
             log(f"data stage: mapped {rows.rows} records in {t_map - t0:.1f} s")
-        all_feats = store.head(len(ids))
-        del store
+        ids = pa.concat_arrays(id_parts) if id_parts else pa.array([], pa.string())
+        del id_parts
+        all_feats = spill.features(profile.dedup)
         verdicts = dedup_verdicts(ids, all_feats, spill.take, spill.lengths(), profile, index, map_runs=map_runs)
         t_dedup = time.perf_counter()
         tally = _write(records, out_dir, profile, rows, verdicts, all_feats, ids, spill, index)
@@ -436,7 +523,7 @@ def _concat(parts: list[Mapped]) -> Mapped:
 
 
 def _write(records: Path, out_dir: Path, profile: Profile, rows: Mapped, verdicts: Verdicts,
-           feats: Features, ids: list[str], spill: Spill, index: DedupIndex | None) -> Tally:
+           feats: Features, ids: pa.Array, spill: Spill, index: DedupIndex | None) -> Tally:
     """The write pass: each batch again, with its verdicts, appended to the artifact's files
     (written under temporary names and renamed at the end: a crash leaves no partial file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -456,21 +543,23 @@ def _write(records: Path, out_dir: Path, profile: Profile, rows: Mapped, verdict
             mapped = Mapped(rows.lang[start:end], rows.lang_score[start:end], rows.p_en[start:end],
                             rows.english[start:end], {i - start: d for i, d in rows.contaminated.items()
                                                       if start <= i < end},
-                            rows.dedup_rows[part] - start, ids[part], feats, None)
+                            rows.dedup_rows[part] - start, [], feats, None)
             kept, rejected, clusters = assemble(batch, mapped, verdicts.kind[part], verdicts.dup_of[part],
                                                 verdicts.similarity[part], tally)
-            writers["kept.parquet"].write_table(kept)
-            writers["rejected.parquet"].write_table(rejected)
-            writers["clusters.parquet"].write_table(clusters)
+            behind.submit(writers["kept.parquet"].write_table, kept)
+            behind.submit(writers["rejected.parquet"].write_table, rejected)
+            behind.submit(writers["clusters.parquet"].write_table, clusters)
             keep = np.flatnonzero(verdicts.kind[part] == 0) + part.start
             if len(keep):
-                yield index_table([ids[i] for i in keep.tolist()], feats.exact[keep], feats.bands[keep],
-                                  spill.take_utf8(keep).arrow())
+                yield index_table(ids.take(pa.array(keep, pa.int64())), feats.exact[keep],
+                                  spill.feature_rows("bands", keep), spill.take_utf8(keep).arrow())
             start = end
 
-    tally.counts["index"] = write_index(out_dir / INDEX_DIR, index_params(profile.dedup), index_parts())
-    for w in writers.values():
-        w.close()
+    behind = WriteBehind()  # a batch's three writes run while the next batch is assembled
+    try:
+        tally.counts["index"] = write_index(out_dir / INDEX_DIR, index_params(profile.dedup), index_parts())
+    finally:
+        behind.close(writers.values())
     for name in writers:
         (out_dir / f".{name}.tmp").replace(out_dir / name)
     return tally
@@ -486,7 +575,8 @@ def curate_to(records: Path, out_dir: Path, profile: Profile, eval_texts: dict[s
         out = run_stage_ray(records, out_dir, profile, eval_texts=eval_texts, log=log)
     else:
         spill = profile.resolve_path(profile.data_engine.spill_dir) if profile.data_engine.spill_dir else None
-        out = run_stage(records, out_dir, profile, map_fn=local_map(StageContext.build(profile, eval_texts)),
+        out = run_stage(records, out_dir, profile, map_fn=local_map(StageContext.build(profile, eval_texts),
+                                                                    local_workers(records, profile)),
                         spill_dir=spill, log=log)
     lang = pq.read_table(out_dir / "kept.parquet", columns=["lang"])["lang"]
     english = float(pc.mean(pc.cast(pc.equal(lang, profile.langid.english_label), pa.float64())).as_py() or 0.0)

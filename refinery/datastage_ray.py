@@ -57,7 +57,7 @@ class _Mapper:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         m = map_batch(batch, self.ctx)
-        m.norm = m.norm.texts()  # travels as text (1 byte a character), not code points
+        m.norm = m.norm.utf8()  # travels as UTF-8 (1 byte a character in English), not code points
         return pa.table({"mapped": [pickle.dumps(m, protocol=5)]})
 
 

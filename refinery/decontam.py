@@ -105,10 +105,11 @@ class NgramIndex:
         """(eval set, matching n-gram) for the first shared n-gram in ``text``, or None."""
         return self.find_batch([text])[0]
 
-    def find_batch(self, texts: list[str]) -> list[tuple[str, str] | None]:
-        """``find`` for many texts at once (the n-grams of the whole batch in one pass)."""
+    def find_batch(self, texts: list[str] | pa.Array) -> list[tuple[str, str] | None]:
+        """``find`` for many texts (strings or an Arrow string column) at once (the n-grams of the
+        whole batch in one pass)."""
         out: list[tuple[str, str] | None] = [None] * len(texts)
-        if len(self.hashes) == 0 or not texts:
+        if len(self.hashes) == 0 or len(texts) == 0:
             return out
         batch = normalize_batch(texts)
         hit_word = np.full(len(texts), -1, np.int64)

@@ -153,7 +153,7 @@ class NormBatch:
         out = np.empty(K.utf8_size(self.cp, self.starts, self.ends), np.uint8)
         offsets = np.empty(len(self) + 1, np.int64)
         K.encode_utf8(self.cp, self.starts, self.ends, out, offsets)
-        return Utf8Texts(out, offsets)
+        return Utf8Texts(out, offsets, self.lengths())
 
 
 @dataclass
@@ -163,6 +163,7 @@ class Utf8Texts:
 
     data: np.ndarray  # uint8
     offsets: np.ndarray  # int64, len + 1
+    chars: np.ndarray | None = None  # code points per text, when the encoder knew them
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -411,20 +412,6 @@ class Features:
     def concat(cls, parts: Sequence[Features]) -> Features:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("exact", "bands", "sig16", "filled")))
 
-    @classmethod
-    def allocate(cls, n: int, cfg: DedupConfig) -> Features:
-        """Room for ``n`` records, filled with ``put`` (no list of parts to concatenate: that
-        would hold every array twice)."""
-        return cls(np.empty((n, 2), U64), np.empty((n, index_params(cfg)["bands"]), U64),
-                   np.empty((n, cfg.num_perm), np.uint16), np.empty(n, np.int32))
-
-    def put(self, at: int, part: Features) -> None:
-        for f in ("exact", "bands", "sig16", "filled"):
-            getattr(self, f)[at:at + len(part)] = getattr(part, f)
-
-    def head(self, n: int) -> Features:
-        """The first ``n`` records (views)."""
-        return Features(self.exact[:n], self.bands[:n], self.sig16[:n], self.filled[:n])
 
     def take(self, rows: np.ndarray) -> Features:
         return Features(self.exact[rows], self.bands[rows], self.sig16[rows], self.filled[rows])
@@ -723,9 +710,10 @@ class DedupIndex:
         return cls(params, ids, exact, flat.astype(U64).reshape(len(ids), params["bands"]), NormBatch.of(texts))
 
 
-def index_table(ids: Sequence[str], exact: np.ndarray, bands: np.ndarray, texts: Sequence[str] | pa.Array) -> pa.Table:
+def index_table(ids: Sequence[str] | pa.Array, exact: np.ndarray, bands: np.ndarray,
+                texts: Sequence[str] | pa.Array) -> pa.Table:
     return pa.table({
-        "id": pa.array(ids, pa.string()),
+        "id": ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string()),
         "exact_hash": pa.array(exact[:, 0], pa.uint64()),
         "exact_hash2": pa.array(exact[:, 1], pa.uint64()),
         "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), bands.shape[1]),

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from refinery.config import SourceConfig, resolve_path
 from refinery.formats import FORMATS, RecordError, detect_format, to_messages
+from refinery.parallel import WriteBehind
 from refinery.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, open_parquet, record_id, write_table
 
 DETECT_SAMPLE = 1000  # records per file that vote on a source's format
@@ -504,12 +505,15 @@ def ingest_to(sources: list[SourceConfig], out_dir: Path, *, max_record_bytes: i
     writers = {name: pq.ParquetWriter(out_dir / f".{name}.tmp", schema, compression="zstd")
                for name, schema in (("records.parquet", RECORD_SCHEMA), ("quarantine.parquet", QUARANTINE_SCHEMA))}
     written = {"records.parquet": 0, "quarantine.parquet": 0}
+    # Parquet encoding and compression run in a thread while the next batch is parsed (17.4 ->
+    # 12.7 s for 640K records, with record_id's own JSON)
+    behind = WriteBehind(limit=1)
 
     def sink(records: list[dict], quarantine: list[dict]) -> None:
         for name, rows, schema in (("records.parquet", records, RECORD_SCHEMA),
                                    ("quarantine.parquet", quarantine, QUARANTINE_SCHEMA)):
             if rows:
-                writers[name].write_table(_arrow(rows, schema))
+                behind.submit(writers[name].write_table, _arrow(rows, schema))
                 written[name] += len(rows)
 
     per_source = {}
@@ -518,8 +522,7 @@ def ingest_to(sources: list[SourceConfig], out_dir: Path, *, max_record_bytes: i
             per_source[source.name] = read_source(source, max_record_bytes=max_record_bytes, log=log, sink=sink,
                                                   sink_records=batch_records).counts
     finally:
-        for w in writers.values():
-            w.close()
+        behind.close(writers.values())
     totals = {key: sum(c[key] for c in per_source.values()) for key in ("read", "kept", "quarantined")}
     if (written["records.parquet"], written["quarantine.parquet"]) != (totals["kept"], totals["quarantined"]):
         raise AssertionError(f"wrote {written} rows, expected {totals['kept']} records and {totals['quarantined']} "

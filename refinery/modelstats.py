@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -374,6 +376,49 @@ def peak_rss_bytes() -> int:
     except (OSError, StopIteration, ValueError):
         pass
     return 1024 * max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def tree_pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size of a process and all its descendants (Linux /proc; 0 elsewhere): what
+    they hold together, each shared page counted once. RSS would count pages a forked worker
+    shares with its parent twice."""
+    pid = os.getpid() if pid is None else pid
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup", encoding="ascii") as f:
+                total += 1024 * next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration, ValueError):  # gone meanwhile, or no /proc
+            continue
+    return total
+
+
+class TreeMemory:
+    """``with TreeMemory() as m: ...``; then ``m.peak_bytes``: the largest ``tree_pss_bytes`` of this
+    process seen every ``interval`` seconds (a sampling thread: a spike shorter than that can be missed,
+    which VmHWM in ``peak_rss_bytes`` catches for this process alone)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_bytes = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, tree_pss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Timer:

@@ -239,6 +239,25 @@ def test_same_conversation_same_id_in_every_format():
     assert record_id(a) == record_id(b) == record_id(c)
 
 
+def test_record_id_is_the_hash_of_the_canonical_json():
+    # ids are stable across releases: record_id spells the JSON out for speed, and must give the
+    # bytes json.dumps gives, escapes and all
+    import hashlib
+    import json
+    import random
+
+    rng = random.Random(0)
+    alphabet = ['"', "\\", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "中", "\u2028", "😀", "/", "a", " ", "\r"]
+    for _ in range(2000):
+        messages = [{"role": rng.choice(["system", "user", "assistant"]),
+                     "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))}
+                    for _ in range(rng.randint(1, 4))]
+        canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+        assert record_id(messages) == hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    assert record_id([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == \
+        hashlib.sha256(b'[["user","q"],["assistant","a"]]').hexdigest()[:16]
+
+
 def test_unknown_format_name_is_a_programming_error():
     with pytest.raises(ValueError, match="unknown format"):
         to_messages({}, "csv")

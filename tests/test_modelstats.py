@@ -124,3 +124,26 @@ def test_timer_and_peak_rss():
         time.sleep(0.05)
     assert 0.04 < t.seconds < 1.0
     assert peak_rss_bytes() > 50 * 2**20  # torch alone is larger than this
+
+
+def test_tree_memory_counts_the_children_too():
+    # the data-stage benchmark's memory figure: this process plus its map workers, shared pages once
+    import subprocess
+    import sys
+    import time
+
+    from refinery.modelstats import TreeMemory, tree_pss_bytes
+
+    alone = tree_pss_bytes()
+    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                              "import sys; print('ready', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with TreeMemory(interval=0.01) as memory:
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(0.1)
+        assert tree_pss_bytes() - alone > 250 * 2**20
+        assert memory.peak_bytes - alone > 250 * 2**20
+    finally:
+        child.communicate("")
+    assert tree_pss_bytes() - alone < 100 * 2**20
