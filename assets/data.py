@@ -102,7 +102,8 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig, refin
             st.config["sources"] = [s.model_dump() for s in sources]
             # streamed to records.parquet a batch at a time: memory does not grow with the sources
             st.metrics.update(ingest_to(sources, st.path, max_record_bytes=profile.ingest.max_record_bytes,
-                                        batch_records=profile.data_engine.batch_records, log=context.log.info))
+                                        batch_records=profile.data_engine.batch_records,
+                                        workers=profile.data_engine.workers, log=context.log.info))
             if demo_dir is not None:  # the held-out tasks and ground truth travel with the corpus they belong to
                 for name in (HELDOUT, GROUND_TRUTH):
                     shutil.copy2(demo_dir / name, st.path / name)

@@ -187,7 +187,8 @@ def stage_child(args) -> dict:
     with TreeMemory() as memory:  # this process and its map workers, shared pages counted once
         t0, c0 = time.perf_counter(), time.process_time()
         raw = ingest_to([SourceConfig(name="bench", path=args.stage_input, format="openai")], out / "raw",
-                        max_record_bytes=profile.ingest.max_record_bytes, batch_records=profile.data_engine.batch_records)
+                        max_record_bytes=profile.ingest.max_record_bytes, batch_records=profile.data_engine.batch_records,
+                        workers=profile.data_engine.workers)
         t1, c1 = time.perf_counter(), time.process_time()
         built = [StageContext.build(profile, eval_texts_for(profile))]
         ngrams = len(built[0].decontam) if built[0].decontam else 0

@@ -110,8 +110,8 @@ class DataEngineConfig(_Strict):
     kind: Literal["local", "ray"] = "local"
     # ray: the cluster's address (ray://host:10001 or host:6379); None starts a local Ray
     address: str | None = None
-    # processes for the per-batch steps: local, forked workers (refinery.parallel); ray, map tasks
-    # in flight (a local Ray gets workers + 1 CPUs)
+    # processes for the per-batch steps: local, forked workers (refinery.parallel) for ingest's JSON
+    # lines and the map step; ray, map tasks in flight (a local Ray gets workers + 1 CPUs)
     workers: int = Field(default=2, gt=0)
     # records a step holds at once (~25 MB of text each 1K); 5,000 mapped 640K records faster than
     # 20,000 and with 190 MB less peak (bench/data_stage.py, docs/data.md)

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from refinery.config import SourceConfig, resolve_path
 from refinery.formats import FORMATS, RecordError, detect_format, to_messages
-from refinery.parallel import WriteBehind
+from refinery.parallel import WriteBehind, ordered_map
 from refinery.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, open_parquet, record_id, write_table
 
 DETECT_SAMPLE = 1000  # records per file that vote on a source's format
@@ -128,28 +128,39 @@ def _parse(item: RawRecord, max_record_bytes: int, size: int) -> RawRecord:
     return item
 
 
+def _jsonl_item(path: str, number: int, line: bytes, max_record_bytes: int) -> RawRecord | None:
+    """Line ``number`` of a JSON lines file as a record; None for a blank line (not a record)."""
+    line = line.rstrip(b"\r\n")
+    if number == 1:
+        line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+    if not line.strip():
+        return None
+    try:
+        item = RawRecord(path, number, line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        # keep the bytes readable and lossless: invalid ones become \xNN escapes
+        item = RawRecord(path, number, line.decode("utf-8", "backslashreplace"),
+                         error=f"invalid UTF-8 at byte {exc.start}")
+    return _parse(item, max_record_bytes, len(line))
+
+
+def _not_json_lines(source: SourceConfig, path: Path | str, seen: int, not_json: int) -> None:
+    if seen and not_json == seen:
+        raise _error(source, path, f"not JSON lines: none of its {seen} lines is a JSON value")
+
+
 def _read_jsonl(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
     _sniff_binary(source, path)
     seen = not_json = 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
-            line = line.rstrip(b"\r\n")
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
-            if not line.strip():
-                continue  # a blank line is not a record
+            item = _jsonl_item(str(path), number, line, max_record_bytes)
+            if item is None:
+                continue
             seen += 1
-            try:
-                item = RawRecord(str(path), number, line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                # keep the bytes readable and lossless: invalid ones become \xNN escapes
-                item = RawRecord(str(path), number, line.decode("utf-8", "backslashreplace"),
-                                 error=f"invalid UTF-8 at byte {exc.start}")
-            item = _parse(item, max_record_bytes, len(line))
             not_json += (item.error or "").startswith("invalid JSON")
             yield item
-    if seen and not_json == seen:
-        raise _error(source, path, f"not JSON lines: none of its {seen} lines is a JSON value")
+    _not_json_lines(source, path, seen, not_json)
 
 
 def _read_json(source: SourceConfig, path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
@@ -354,9 +365,11 @@ def _describe_keys(obj: Any) -> str:
 
 def read_source(source: SourceConfig, *, max_record_bytes: int,
                 log: Callable[[str], None] | None = None,
-                sink: Callable[[list[dict], list[dict]], None] | None = None,
-                sink_records: int = 50_000) -> SourceResult:
-    """Read one source into normalized records and quarantine rows (see the module docstring)."""
+                sink: Callable[[list[dict] | pa.Table, list[dict]], None] | None = None,
+                sink_records: int = 50_000, workers: int = 1) -> SourceResult:
+    """Read one source into normalized records and quarantine rows (see the module docstring).
+    With a ``sink`` (streaming) and ``workers`` > 1, JSON lines files are decided in that many
+    forked processes (refinery.parallel), ``sink_records`` lines at a time, in order."""
     files = _files(source)
     votes: Counter = Counter()
     fmt: str | None = None if source.format == "auto" else source.format
@@ -379,41 +392,40 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
     read = 0
 
     def reject(item: RawRecord, field_name: str | None, reason: str) -> None:
-        quarantine.append({"source": source.name, "source_file": item.file, "source_line": item.line,
-                           "field": field_name, "reason": reason, "raw": item.raw})
+        quarantine.append(_quarantine_row(source, item, field_name, reason))
         per_file[item.file]["quarantined"] += 1
-        # a short key per kind of problem for the summary; the row keeps the full reason
-        kind = re.sub(r"\d+", "N", reason.split(":")[0].split(" (")[0])
-        reasons[f"{field_name}: " * bool(field_name) + kind] += 1
+        reasons[_reason_key(field_name, reason)] += 1
 
     for file in files:
+        if sink is not None and workers > 1 and source.max_records is None and _json_lines_file(source, file):
+            # a JSON lines file, streamed: chunks of lines decided in worker processes, in order
+            if records or quarantine:  # an earlier file's last records go first
+                sink(records, quarantine)
+                kept_out, quarantined_out = kept_out + len(records), quarantined_out + len(quarantine)
+                records, quarantine = [], []
+            seen = not_json = 0
+            for chunk in ordered_map(_admit_lines, (source, fmt, max_record_bytes),
+                                     _line_chunks(Path(file), sink_records), workers):
+                read += chunk.seen
+                seen, not_json = seen + chunk.seen, not_json + chunk.not_json
+                per_file[file]["read"] += chunk.seen
+                per_file[file]["kept"] += chunk.records.num_rows
+                per_file[file]["quarantined"] += len(chunk.quarantine)
+                reasons.update(chunk.reasons)
+                sink(chunk.records, chunk.quarantine)
+                kept_out, quarantined_out = kept_out + chunk.records.num_rows, quarantined_out + len(chunk.quarantine)
+            _not_json_lines(source, file, seen, not_json)
+            continue
         for item in _read_file(source, file, max_record_bytes):
             if source.max_records is not None and read >= source.max_records:
                 break
             read += 1
             per_file[file]["read"] += 1
-            if item.error is not None:
-                reject(item, None, item.error)
+            decided = _admit(source, fmt, item)
+            if isinstance(decided, tuple):
+                reject(item, *decided)
                 continue
-            if fmt is None:
-                reject(item, None, f"unknown format: no known format fits {_describe_keys(item.obj)}")
-                continue
-            looks_like = detect_format(item.obj) if source.format == "auto" else None
-            if looks_like is not None and looks_like != fmt:
-                reject(item, None, f"wrong format: record looks like {looks_like}, the source's format is {fmt}")
-                continue
-            try:
-                messages = to_messages(item.obj, fmt)
-                rid = record_id(messages)
-            except RecordError as exc:
-                reject(item, exc.field, exc.reason)
-                continue
-            except UnicodeEncodeError:  # a JSON escape of half a surrogate pair: no Unicode text
-                reject(item, _surrogate_field(item.obj), "not valid Unicode: a lone surrogate escape (\\ud800-\\udfff)")
-                continue
-            records.append({"id": rid, "source": source.name, "format": fmt,
-                            "source_file": item.file, "source_line": item.line, "license": source.license,
-                            "messages": messages, "original": item.raw})
+            records.append(decided)
             per_file[file]["kept"] += 1
             if sink is not None and len(records) >= sink_records:  # streaming: hand over, hold no more
                 sink(records, quarantine)
@@ -433,6 +445,93 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
     if log:
         log(f"source {source.name}: read {read}, kept {counts['kept']}, quarantined {counts['quarantined']}")
     return SourceResult(source.name, fmt, records, quarantine, counts)
+
+
+def _quarantine_row(source: SourceConfig, item: RawRecord, field_name: str | None, reason: str) -> dict:
+    return {"source": source.name, "source_file": item.file, "source_line": item.line,
+            "field": field_name, "reason": reason, "raw": item.raw}
+
+
+def _reason_key(field_name: str | None, reason: str) -> str:
+    """A short key per kind of problem for the summary; the row keeps the full reason."""
+    kind = re.sub(r"\d+", "N", reason.split(":")[0].split(" (")[0])
+    return f"{field_name}: " * bool(field_name) + kind
+
+
+def _admit(source: SourceConfig, fmt: str | None, item: RawRecord) -> dict | tuple[str | None, str]:
+    """The record ``item`` becomes (RECORD_SCHEMA row), or (field, reason) it is quarantined for."""
+    if item.error is not None:
+        return None, item.error
+    if fmt is None:
+        return None, f"unknown format: no known format fits {_describe_keys(item.obj)}"
+    looks_like = detect_format(item.obj) if source.format == "auto" else None
+    if looks_like is not None and looks_like != fmt:
+        return None, f"wrong format: record looks like {looks_like}, the source's format is {fmt}"
+    try:
+        messages = to_messages(item.obj, fmt)
+        rid = record_id(messages)
+    except RecordError as exc:
+        return exc.field, exc.reason
+    except UnicodeEncodeError:  # a JSON escape of half a surrogate pair: no Unicode text
+        return _surrogate_field(item.obj), "not valid Unicode: a lone surrogate escape (\\ud800-\\udfff)"
+    return {"id": rid, "source": source.name, "format": fmt, "source_file": item.file, "source_line": item.line,
+            "license": source.license, "messages": messages, "original": item.raw}
+
+
+# --------------------------------------------------------------------------- JSON lines in workers
+
+
+def _json_lines_file(source: SourceConfig, file: str) -> bool:
+    """A local file ``_read_json`` reads as JSON lines by its name and first bytes (the workers' case)."""
+    if source.hub or Path(file).suffix.lower() not in (".jsonl", ".ndjson"):
+        return False
+    head = _sniff_binary(source, Path(file)).lstrip(b"\xef\xbb\xbf").lstrip()
+    return bool(head) and head[:1] != b"["
+
+
+def _line_chunks(path: Path, lines: int) -> Iterator[tuple[str, int, list[bytes]]]:
+    """(file, first line number, raw lines) of ``lines`` lines at a time."""
+    chunk: list[bytes] = []
+    first = 1
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            chunk.append(line)
+            if len(chunk) >= lines:
+                yield str(path), first, chunk
+                chunk, first = [], number + 1
+    if chunk:
+        yield str(path), first, chunk
+
+
+@dataclass
+class _Chunk:
+    """What a worker decided for a chunk of lines: kept records (Arrow), quarantine rows, counts."""
+
+    records: pa.Table
+    quarantine: list[dict]
+    seen: int  # non-blank lines
+    not_json: int
+    reasons: Counter
+
+
+def _admit_lines(state: tuple[SourceConfig, str | None, int], chunk: tuple[str, int, list[bytes]]) -> _Chunk:
+    source, fmt, max_record_bytes = state
+    file, first, lines = chunk
+    records, quarantine, reasons = [], [], Counter()
+    seen = not_json = 0
+    for number, line in enumerate(lines, first):
+        item = _jsonl_item(file, number, line, max_record_bytes)
+        if item is None:
+            continue
+        seen += 1
+        not_json += (item.error or "").startswith("invalid JSON")
+        decided = _admit(source, fmt, item)
+        if isinstance(decided, tuple):
+            quarantine.append(_quarantine_row(source, item, *decided))
+            reasons[_reason_key(*decided)] += 1
+        else:
+            records.append(decided)
+    return _Chunk(_arrow(records, RECORD_SCHEMA), quarantine, seen, not_json, reasons)
 
 
 def _surrogate_field(obj: Any) -> str | None:
@@ -495,9 +594,10 @@ def write_raw_corpus(result: IngestResult, out_dir: Path) -> dict:
 
 
 def ingest_to(sources: list[SourceConfig], out_dir: Path, *, max_record_bytes: int, batch_records: int = 50_000,
-              log: Callable[[str], None] | None = None) -> dict:
+              workers: int = 1, log: Callable[[str], None] | None = None) -> dict:
     """``ingest`` + ``write_raw_corpus`` streaming: records reach records.parquet ``batch_records``
-    at a time, so memory does not grow with the corpus. Returns the same metrics."""
+    at a time, so memory does not grow with the corpus; JSON lines are parsed and checked in
+    ``workers`` processes. Returns the same metrics."""
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
@@ -509,18 +609,18 @@ def ingest_to(sources: list[SourceConfig], out_dir: Path, *, max_record_bytes: i
     # 12.7 s for 640K records, with record_id's own JSON)
     behind = WriteBehind(limit=1)
 
-    def sink(records: list[dict], quarantine: list[dict]) -> None:
+    def sink(records: list[dict] | pa.Table, quarantine: list[dict]) -> None:
         for name, rows, schema in (("records.parquet", records, RECORD_SCHEMA),
                                    ("quarantine.parquet", quarantine, QUARANTINE_SCHEMA)):
-            if rows:
-                behind.submit(writers[name].write_table, _arrow(rows, schema))
+            if len(rows):
+                behind.submit(writers[name].write_table, rows if isinstance(rows, pa.Table) else _arrow(rows, schema))
                 written[name] += len(rows)
 
     per_source = {}
     try:
         for source in sources:
             per_source[source.name] = read_source(source, max_record_bytes=max_record_bytes, log=log, sink=sink,
-                                                  sink_records=batch_records).counts
+                                                  sink_records=batch_records, workers=workers).counts
     finally:
         behind.close(writers.values())
     totals = {key: sum(c[key] for c in per_source.values()) for key in ("read", "kept", "quarantined")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -487,3 +488,43 @@ def test_memory_stays_a_small_multiple_of_the_input(tmp_path):
         tracemalloc.stop()
     assert result.counts["kept"] == 3000
     assert peak < 4 * size, f"peak {peak} bytes for a {size}-byte file"
+
+
+# --------------------------------------------------------------------------- streaming, in workers
+
+
+def test_streaming_in_workers_writes_what_reading_in_memory_writes(tmp_path):
+    # ingest_to (raw_corpus's path) streams small batches, and JSON lines files go through forked
+    # workers: records, their order, the quarantine and every count equal the in-memory read
+    from refinery.ingest import ingest_to
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a_array.json").write_text(json.dumps([ALPACA, {"instruction": "Say hi.", "output": "Hi."}, {"x": 1}]))
+    good = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(40)]
+    write_jsonl(src / "b_lines.jsonl", [b"\xef\xbb\xbf" + json.dumps(good[0]).encode()] + good[1:10]
+                + ["", "{not json", {"instruction": "", "output": "empty prompt"}, b'{"instruction": "\xff", "output": "x"}',
+                   {"conversations": [{"from": "human", "value": "wrong format"}, {"from": "gpt", "value": "a"}]},
+                   {"instruction": "q", "output": "x" * 3000}, "   "] + good[10:40] + [good[3]])
+    write_jsonl(src / "c_lines.jsonl", good[::-1])
+    sources = [SourceConfig(name="mix", path=str(src), format="alpaca"),
+               SourceConfig(name="again", path=str(src / "c_lines.jsonl"), format="auto")]
+    memory = ingest(sources, max_record_bytes=2000)
+    want = write_raw_corpus(memory, tmp_path / "memory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to one process: it forked
+        got = ingest_to(sources, tmp_path / "stream", max_record_bytes=2000, batch_records=7, workers=2)
+    assert got == want and got["quarantined"] == 6
+    assert got["kept"] == 2 + 41 + 40 + 40  # the directory holds c_lines.jsonl too
+    for name in ("records.parquet", "quarantine.parquet"):
+        assert pq.read_table(tmp_path / "stream" / name).equals(pq.read_table(tmp_path / "memory" / name)), name
+    assert not list((tmp_path / "stream").glob(".*.tmp"))
+
+
+def test_streaming_in_workers_still_rejects_a_file_that_is_not_json_lines(tmp_path):
+    from refinery.ingest import ingest_to
+
+    path = write_jsonl(tmp_path / "notes.jsonl", ["just some notes", "nothing here is JSON", "at all"])
+    with pytest.raises(SourceError, match="not JSON lines: none of its 3 lines"):
+        ingest_to([source(path, "alpaca")], tmp_path / "out", max_record_bytes=LIMIT, batch_records=2, workers=2)
+    assert not (tmp_path / "out" / "records.parquet").exists()
