@@ -40,9 +40,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refinery.config import Profile
-from refinery.parallel import WriteBehind, ordered_map
 from refinery.dedup import (DedupIndex, Features, NormBatch, Shingling, Utf8Texts, features, first_occurrence,
                             index_params, index_table, near_resolve, normalize_batch, write_index)
+from refinery.parallel import WriteBehind, ordered_map
 from refinery.records import (CLUSTER_SCHEMA, KEPT_SCHEMA, RECORD_SCHEMA, REJECTED_SCHEMA, TEXT_ROLES, joined_array,
                               joined_text, open_parquet)
 

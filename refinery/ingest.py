@@ -386,7 +386,7 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
 
     records: list[dict] = []
     quarantine: list[dict] = []
-    kept_out = quarantined_out = 0  # handed to the sink
+    handed = {"kept": 0, "quarantined": 0}  # rows given to the sink
     per_file = {f: {"read": 0, "kept": 0, "quarantined": 0} for f in files}
     reasons: Counter = Counter()
     read = 0
@@ -396,12 +396,16 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
         per_file[item.file]["quarantined"] += 1
         reasons[_reason_key(field_name, reason)] += 1
 
+    def hand_over(kept: list[dict] | pa.Table, quarantined: list[dict]) -> None:  # streaming: hold no more
+        sink(kept, quarantined)
+        handed["kept"] += len(kept)
+        handed["quarantined"] += len(quarantined)
+
     for file in files:
         if sink is not None and workers > 1 and source.max_records is None and _json_lines_file(source, file):
             # a JSON lines file, streamed: chunks of lines decided in worker processes, in order
             if records or quarantine:  # an earlier file's last records go first
-                sink(records, quarantine)
-                kept_out, quarantined_out = kept_out + len(records), quarantined_out + len(quarantine)
+                hand_over(records, quarantine)
                 records, quarantine = [], []
             seen = not_json = 0
             for chunk in ordered_map(_admit_lines, (source, fmt, max_record_bytes),
@@ -412,8 +416,7 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
                 per_file[file]["kept"] += chunk.records.num_rows
                 per_file[file]["quarantined"] += len(chunk.quarantine)
                 reasons.update(chunk.reasons)
-                sink(chunk.records, chunk.quarantine)
-                kept_out, quarantined_out = kept_out + chunk.records.num_rows, quarantined_out + len(chunk.quarantine)
+                hand_over(chunk.records, chunk.quarantine)
             _not_json_lines(source, file, seen, not_json)
             continue
         for item in _read_file(source, file, max_record_bytes):
@@ -427,18 +430,17 @@ def read_source(source: SourceConfig, *, max_record_bytes: int,
                 continue
             records.append(decided)
             per_file[file]["kept"] += 1
-            if sink is not None and len(records) >= sink_records:  # streaming: hand over, hold no more
-                sink(records, quarantine)
-                kept_out, quarantined_out = kept_out + len(records), quarantined_out + len(quarantine)
+            if sink is not None and len(records) >= sink_records:
+                hand_over(records, quarantine)
                 records, quarantine = [], []
         if source.max_records is not None and read >= source.max_records:
             break
 
     if sink is not None:
-        sink(records, quarantine)
-        kept_out, quarantined_out = kept_out + len(records), quarantined_out + len(quarantine)
+        hand_over(records, quarantine)
         records, quarantine = [], []
-    counts = {"read": read, "kept": kept_out + len(records), "quarantined": quarantined_out + len(quarantine), "format": fmt,
+    counts = {"read": read, "kept": handed["kept"] + len(records),
+              "quarantined": handed["quarantined"] + len(quarantine), "format": fmt,
               "format_chosen": chosen, "format_votes": dict(votes), "license": source.license,
               "reasons": dict(reasons), "files": per_file}
     _reconcile(source.name, counts)
