@@ -1,7 +1,8 @@
 """Whole-process near dedup vs the naive datasketch reference and the libraries a user would pick; prints JSON.
 
     python bench/dedup_cli.py [--corpus prose|templated|both] [--records 60000] [--naive-sample 3000]
-                              [--libraries rensa,datatrove,text-dedup] [--text-dedup-python PATH]
+                              [--repeat 3] [--no-truth] [--libraries rensa,datatrove,text-dedup]
+                              [--text-dedup-python PATH]
 
 For each corpus (bench/dedup_corpora.py: ``prose``, 600-1,500 characters of English prose with 15%
 planted copies that have 1% of their words changed; ``templated``, short records sharing long
@@ -20,7 +21,7 @@ preambles, whose LSH buckets hold hundreds of records) the records are written a
 Quality is against the corpus's ground truth: recall and precision of the removed set, and per
 duplicate group (an original and its copies) whether exactly one member stayed ("lost": none did;
 "missed": more than one did). The speed ratio is records/s of the whole refinery process over the
-naive loop's records/s in the same run.
+naive loop's records/s in the same run: the median of ``--repeat`` runs of each, taken in turns.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ from refinery.dedup import lsh_params, normalize_many  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(kind: str, records: int, seed: int) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
-    """(records, truth: id -> the id it duplicates, None when it should stay)."""
+def build(kind: str, records: int, seed: int, truth: bool = True) -> tuple[list[tuple[str, str]], dict | None]:
+    """(records, truth: id -> the id it duplicates, None when it should stay; None if not ``truth``)."""
     if kind == "prose":
         recs, planted = prose_corpus(records, seed)
         return recs, {rid: planted.get(rid) for rid, _ in recs}
     per_family = 300
     recs, group = templated_corpus(families=max(1, round(records / per_family / 1.1)), per_family=per_family, seed=seed)
-    return recs, greedy_truth(recs, group, DedupConfig().threshold)
+    return recs, greedy_truth(recs, group, DedupConfig().threshold) if truth else None
 
 
 def quality(truth: dict[str, str | None], removed: set[str]) -> dict:
@@ -183,10 +184,18 @@ def run_text_dedup(python: str, path: Path, work: Path) -> dict:
     return {"seconds": round(seconds, 3), "_removed": set(ids) - kept}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time, with every run's seconds beside it."""
+    run = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
+    if len(runs) > 1:
+        run["all_seconds"] = [r["seconds"] for r in runs]
+    return run
+
+
 def run_corpus(kind: str, args) -> dict:
     cfg = DedupConfig()
     t0 = time.perf_counter()
-    recs, truth = build(kind, args.records, args.seed)
+    recs, truth = build(kind, args.records, args.seed, truth=not args.no_truth)
     out: dict = {"records": len(recs), "build_seconds": round(time.perf_counter() - t0, 1),
                  "mean_chars": round(sum(len(t) for _, t in recs) / len(recs), 1)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,8 +203,13 @@ def run_corpus(kind: str, args) -> dict:
         (tmp / "in").mkdir()  # datatrove reads a folder
         path = write_jsonl(recs, tmp / "in" / "corpus.jsonl")
         out["loadavg_before"] = os.getloadavg()
-        results = {"refinery": run_refinery(path, tmp / "out.parquet")}
-        results["naive"] = run_naive(normalize_many([t for _, t in recs[:args.naive_sample]]), cfg)
+        # refinery and the naive loop in turns, ``--repeat`` times each: the median of each is the
+        # figure (this machine's speed drifts by 10-20 % within minutes, for both alike)
+        sample = normalize_many([t for _, t in recs[:args.naive_sample]])
+        runs = []
+        for _ in range(args.repeat):
+            runs.append((run_refinery(path, tmp / "out.parquet"), run_naive(sample, cfg)))
+        results = {"refinery": _median_run([r for r, _ in runs]), "naive": _median_run([n for _, n in runs])}
         for lib in [x for x in args.libraries.split(",") if x]:
             try:
                 if lib == "rensa":
@@ -210,7 +224,8 @@ def run_corpus(kind: str, args) -> dict:
     naive_rate = results["naive"]["records_per_second"]
     for name, r in results.items():
         if "_removed" in r:
-            r.update(quality(truth, r.pop("_removed")))
+            removed = r.pop("_removed")
+            r.update(quality(truth, removed) if truth is not None else {"removed": len(removed)})
         if "seconds" in r and name != "naive":
             r["records_per_second"] = round(len(recs) / r["seconds"], 1)
             r["speed_vs_naive"] = round(r["records_per_second"] / naive_rate, 1)
@@ -224,6 +239,9 @@ def main(argv=None) -> int:
     ap.add_argument("--records", type=int, default=60_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--naive-sample", type=int, default=3000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of refinery and of the naive loop, in turns")
+    ap.add_argument("--no-truth", action="store_true",
+                    help="skip the ground truth (templated: 14 minutes of all-pairs Jaccard): speed and counts only")
     ap.add_argument("--libraries", default="rensa,datatrove,text-dedup")
     ap.add_argument("--text-dedup-python", help="a Python with text-dedup installed (its own venv)")
     args = ap.parse_args(argv)

@@ -6,11 +6,12 @@ Kept apart from the stages so that no stage module imports another one for its c
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -185,6 +186,13 @@ def run_cli(work: Callable[[], dict[str, Any]]) -> int:
     json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
     return 0
+
+
+def exit_cli(code: int) -> NoReturn:
+    """End a CLI process. ``gc.freeze()`` first: at exit Python's collector would walk every object
+    still alive (0.4 s after deduplicating 60K records) to free memory the OS takes back anyway."""
+    gc.freeze()
+    raise SystemExit(code)
 
 
 def write_cli_output(table: pa.Table, out: Path) -> None:

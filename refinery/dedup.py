@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +68,7 @@ VERIFY_CHUNK_CHARS = 8_000_000  # characters of text verified at once (memory: ~
 
 # ------------------------------------------------------------------------------------ normalize
 
-_TABLES: tuple[np.ndarray, np.ndarray] | None = None
+_TABLES: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 _TABLE_SIZE = 0x20000  # above: CJK extensions, tags, private use; no P*, space or case there
 # lower() is not one code point to one code point for these (U+0130 becomes two; a capital sigma
 # depends on its neighbours): texts that contain them are lower-cased by Python first
@@ -75,12 +76,16 @@ _CONTEXT_LOWER = ("\u0130", "\u03a3")
 CHUNK_BYTES = 4_000_000  # text normalized and hashed at once: its buffers stay small and get reused
 
 
-def _tables() -> tuple[np.ndarray, np.ndarray]:
-    """(class, lower): code point -> 0 keep / K.PUNCT / K.SPACE, and code point -> lower case."""
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class, lower, stable): code point -> 0 keep / K.PUNCT / K.SPACE; code point -> lower case;
+    code point -> True where ``_nfkc`` cannot change a text made of such code points (NFKC maps it
+    to itself, it combines with nothing before it, and Python lower-cases it on its own)."""
     global _TABLES
-    if _TABLES is None:  # built once per process (0.1 s)
+    if _TABLES is None:  # built once per process (0.2 s; the CLI builds it while the input is read)
         cls = np.zeros(_TABLE_SIZE, np.uint8)
         lower = np.arange(_TABLE_SIZE, dtype=np.uint32)
+        stable = np.zeros(_TABLE_SIZE, bool)
+        trailers = []  # the second of a canonical pair composes with the first
         for c in range(_TABLE_SIZE):
             ch = chr(c)
             if ch.isspace():
@@ -90,8 +95,15 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
             low = ch.lower()
             if len(low) == 1:
                 lower[c] = ord(low)
+            stable[c] = not unicodedata.combining(ch) and unicodedata.is_normalized("NFKC", ch)
+            parts = unicodedata.decomposition(ch).split()
+            if len(parts) == 2 and not parts[0].startswith("<"):
+                trailers.append(int(parts[1], 16))
         cls[0] = K.PUNCT  # NUL is dropped
-        _TABLES = cls, lower
+        stable[trailers] = False
+        stable[0x1161:0x1176] = stable[0x11A8:0x11C3] = False  # Hangul vowel and final jamo compose too
+        stable[[ord(c) for c in _CONTEXT_LOWER]] = False
+        _TABLES = cls, lower, stable
     return _TABLES
 
 
@@ -178,7 +190,7 @@ class Utf8Texts:
         rows = np.arange(len(self), dtype=np.int64) if rows is None else np.ascontiguousarray(rows, np.int64)
         out = np.empty(int((self.offsets[rows + 1] - self.offsets[rows]).sum()), np.uint32)
         starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
-        n = K.normalize_utf8(self.data, self.offsets, rows, *_tables(), plain, out, starts, ends)
+        n = K.normalize_utf8(self.data, self.offsets, rows, *_tables()[:2], plain, out, starts, ends)
         return NormBatch(out[:n].copy() if n < len(out) // 2 else out[:n], starts, ends)
 
     def decode(self, rows: np.ndarray | None = None) -> NormBatch:
@@ -217,6 +229,8 @@ def prepare(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> Utf8Texts:
             arr = pc.fill_null(arr, "")
         texts = _utf8_of_arrow(arr)
         other = np.flatnonzero(~numpy_of(pc.string_is_ascii(arr)))
+        if len(other):  # only texts with a code point NFKC may change go through Python
+            other = other[K.unstable_texts(texts.data, texts.offsets, other, _tables()[2])]
         if not len(other):
             return texts
         data, offsets = memoryview(texts.data), texts.offsets
@@ -343,14 +357,18 @@ class MinHasher:
     def signatures(self, texts: Sequence[str] | NormBatch) -> np.ndarray:
         return self.signatures_filled(texts)[0]
 
-    def signatures_filled(self, texts: Sequence[str] | NormBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(signatures, filled): filled[t] is how many bins got a shingle of text t's own."""
+    def signatures_filled(self, texts: Sequence[str] | NormBatch, *, parallel: bool = True,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures, filled): filled[t] is how many bins got a shingle of text t's own.
+        ``parallel=False``: in the calling thread only (callers that run their own threads)."""
         batch = texts if isinstance(texts, NormBatch) else NormBatch.of(texts)
         sig = np.empty((len(batch), self.num_perm), U64)
         filled = np.empty(len(batch), np.int32)
-        if len(batch):
+        if len(batch) and parallel:
             K.signatures(batch.cp, batch.starts, batch.ends, *self.shingles._args(), sig, filled,
                          numba.get_num_threads())
+        elif len(batch):
+            K._signatures(batch.cp, batch.starts, batch.ends, *self.shingles._args(), sig, filled, 0, len(batch))
         return sig, filled
 
 
@@ -417,10 +435,11 @@ class Features:
         return Features(self.exact[rows], self.bands[rows], self.sig16[rows], self.filled[rows])
 
 
-def features(batch: NormBatch, cfg: DedupConfig) -> Features:
-    """Exact keys, band keys and the pre-filter sketch of normalized texts."""
+def features(batch: NormBatch, cfg: DedupConfig, *, parallel: bool = True) -> Features:
+    """Exact keys, band keys and the pre-filter sketch of normalized texts (``parallel``: the
+    MinHash kernel on numba's threads; else in the calling thread)."""
     b, r = lsh_params(cfg.threshold, cfg.num_perm, cfg.false_negative_weight)
-    sig, filled = MinHasher.from_config(cfg).signatures_filled(batch)
+    sig, filled = MinHasher.from_config(cfg).signatures_filled(batch, parallel=parallel)
     return Features(exact_keys(batch), band_keys(sig, b, r, cfg.seed), sig.astype(np.uint16), filled)
 
 
@@ -514,9 +533,10 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
     every pair of a bucket: a row is compared only with the KEPT rows of its buckets (a removed row
     never decides anything in the greedy rule), a block of rows at a time (``block_pairs`` bounds
     the pairs of a block's own rows sharing a bucket: they are compared with each other before their
-    fates are known), and a pair is verified
-    exactly only when neither the MinHash pre-filter nor an exact upper bound of its Jaccard (sizes,
-    then a merge of the rarest shingles of both: ``dedup_kernels._bound_rejects``) rules it out.
+    fates are known), and a pair is verified exactly only when nothing rules it out first: for rows
+    of big buckets (more than ``BOUND_BUCKET`` rows) exact upper bounds of its Jaccard (sizes, the
+    rows' shingle bitmaps, a merge of their rarest shingles: ``dedup_kernels._consider``), for the
+    others the MinHash pre-filter.
     ``texts_of(rows)`` gives the normalized texts of sorted unique rows, ``lengths[row]`` their
     lengths; ``map_runs`` computes ``verify_pairs``' runs somewhere else (Ray)."""
     n, n_bands = bands.shape
@@ -555,7 +575,7 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
         in_large |= large[bucket[:, b]]
     bounded = np.flatnonzero(in_large)
     del large, in_large
-    meta = np.zeros((n, 4), np.int64)  # dedup_kernels.SIZE (-1: no prefix), FILLED, P0, P1
+    meta = np.zeros((n, K.META_COLUMNS), np.int64)  # dedup_kernels.SIZE (-1: no prefix), FILLED, P0, P1, ...
     meta[:, K.SIZE] = -1
     meta[:, K.FILLED] = filled
     stats["bounded_rows"] = len(bounded)
@@ -567,14 +587,21 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
         K.shingle_counts(t.cp, t.starts, t.ends, *args, counts, shift)
     plen = np.zeros(n, np.int64)
     parts = [np.empty(0, U64)]
+    bitmaps = np.empty((len(bounded), K.BITMAP_WORDS), U64)
+    done = 0
     for rows in _row_chunks(bounded, lengths, max_chars):
         t = texts_of(rows)
         out = np.empty(int((t.ends - t.starts).sum()) + len(rows), U64)
         offs = np.empty(len(rows) + 1, np.int64)
         sz = np.empty(len(rows), np.int64)
-        m = K.prefix_keys(t.cp, t.starts, t.ends, *args, counts, shift, float(threshold), sz, out, offs)
+        ones = np.empty(len(rows), np.int64)
+        m = K.prefix_keys(t.cp, t.starts, t.ends, *args, counts, shift, float(threshold), sz, out, offs,
+                          bitmaps[done:done + len(rows)], ones)
         parts.append(out[:m].copy())
         meta[rows, K.SIZE] = sz
+        meta[rows, K.BITMAP] = np.arange(done, done + len(rows))
+        meta[rows, K.ONES] = ones
+        done += len(rows)
         plen[rows] = np.diff(offs)
     del counts
     pkeys = np.concatenate(parts)
@@ -610,7 +637,7 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
 
             def part(i: int, ys: np.ndarray = ys, cuts: np.ndarray = cuts, block_id: int = block_id) -> np.ndarray:
                 return K.near_candidates(ys, cuts[i], cuts[i + 1], bucket, mstart, mfill, members, bhead, bstamp,
-                                         blink, pos, block_id, seen[i], sig16, meta, pkeys, float(threshold),
+                                         blink, pos, block_id, seen[i], sig16, meta, pkeys, bitmaps, float(threshold),
                                          PREFILTER_Z, PREFILTER_MIN_FILLED, counters[i])
 
             found = list(pool.map(part, range(threads))) if pool else [part(0)]
@@ -772,6 +799,20 @@ class DedupResult:
     stats: dict[str, Any]
 
 
+def _chunked_features(src: Utf8Texts, cfg: DedupConfig) -> Features:
+    """``features`` of every text, normalized ``CHUNK_BYTES`` at a time; the chunks run in numba's
+    number of threads (the kernels release the GIL): normalizing and the exact keys are serial
+    kernels, so one chunk at a time would leave a core idle for half of this step."""
+    chunks = list(src.chunks(max_rows=cfg.batch_size))
+    threads = min(numba.get_num_threads(), len(chunks))
+    if threads <= 1:
+        parts = [features(src.normalize(rows), cfg) for rows in chunks]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda rows: features(src.normalize(rows), cfg, parallel=False), chunks))
+    return Features.concat(parts) if parts else features(NormBatch.of([]), cfg)
+
+
 def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBatch, cfg: DedupConfig,
                     existing: DedupIndex | None = None, *, normalized: bool = False,
                     keep_index: bool = True) -> DedupResult:
@@ -800,8 +841,7 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBa
     else:
         src = prepare(texts)
         t_norm = time.perf_counter()
-        parts = [features(src.normalize(rows), cfg) for rows in src.chunks(max_rows=cfg.batch_size)]
-        feats = Features.concat(parts) if parts else features(NormBatch.of([]), cfg)
+        feats = _chunked_features(src, cfg)
         lengths, text_of = src.sizes(), src.normalize
     t_sig = time.perf_counter()
 
@@ -867,6 +907,11 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBa
 # ------------------------------------------------------------------------------------ CLI
 
 
+def _first_kernel_call() -> None:
+    K.exact_hashes(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.zeros(1, np.int64), np.empty((1, 2), U64))
+    _tables()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m refinery.dedup IN [--out OUT.parquet] [--profile P] [--key ...] [--shingle ...]
     [--ngram N] [--threshold X] [--num-perm N] [--batch-size N] [--existing DIR] [--save-index DIR]``"""
@@ -889,6 +934,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--existing", type=Path, help="a dedup index directory to deduplicate against")
     ap.add_argument("--save-index", type=Path, help="write the index (existing + kept records) here")
     args = ap.parse_args(argv)
+    # numba sets itself up on the first call of any kernel (0.5 s of imports), and the normalization
+    # tables take 0.1 s: both in a thread while the input is read in C++ (pyarrow, without the GIL)
+    threading.Thread(target=_first_kernel_call, daemon=True).start()
 
     def work() -> dict[str, Any]:
         cfg = config_with_flags(load_profile(args.profile).dedup if args.profile else DedupConfig(), {
@@ -921,4 +969,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from refinery.cli import exit_cli
+
+    exit_cli(main())

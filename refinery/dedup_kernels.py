@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 U64 = np.uint64
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -83,6 +85,31 @@ def normalize_utf8(data, offsets, rows, cls, lower, plain, out, out_starts, out_
             o -= 1
         out_ends[k] = o
     return o
+
+
+@nb.njit(cache=True, nogil=True)
+def unstable_texts(data, offsets, rows, stable):
+    """bool per text of ``rows``: its UTF-8 has a code point that is not ``stable`` (or beyond the table)."""
+    out = np.zeros(len(rows), np.bool_)
+    for k in range(len(rows)):
+        i, end = offsets[rows[k]], offsets[rows[k] + 1]
+        while i < end:
+            b = np.uint32(data[i])
+            n = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if b < 0x80:
+                c = b
+            elif n == 2 and i + 1 < end:
+                c = ((b & 0x1F) << 6) | (data[i + 1] & 0x3F)
+            elif n == 3 and i + 2 < end:
+                c = ((b & 0x0F) << 12) | ((data[i + 1] & 0x3F) << 6) | (data[i + 2] & 0x3F)
+            else:  # four bytes: beyond the table; a cut sequence: let Python decide
+                out[k] = True
+                break
+            if c >= len(stable) or not stable[c]:
+                out[k] = True
+                break
+            i += n
+    return out
 
 
 @nb.njit(cache=True, nogil=True)
@@ -561,6 +588,8 @@ def first_gram_hits(cp, starts, ends, ns, prefix, base, salt, bits, slots, where
 # with the KEPT rows that share one of its LSH buckets (a removed row is never a comparator), pairs
 # that cannot reach the threshold dropped by bounds before the exact check.
 
+BITMAP_WORDS = 32  # a bounded row's shingles as a 2,048-bit map (256 bytes): the cheap exact bound
+_BIT_SHIFT = np.uint64(64 - 11)
 _KEY_SHIFT = np.uint64(24)
 _CNT_SHIFT = np.uint64(40)
 _CNT_MAX = (1 << 24) - 1
@@ -580,11 +609,25 @@ def shingle_counts(cp, starts, ends, ngram, word, base, salt, counts, shift):
             counts[buf[x] >> shift] += 1
 
 
+@intrinsic
+def _popcount(typingctx, x):
+    """The set bits of a uint64 (LLVM's ctpop: one instruction)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
 @nb.njit(cache=True, nogil=True)
-def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, threshold, sizes, out, out_offsets):
-    """Per text: its number of distinct shingles (``sizes``) and the first ``size - floor(threshold *
+def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, threshold, sizes, out, out_offsets,
+                bitmaps, bits_set):
+    """Per text: its number of distinct shingles (``sizes``), the first ``size - floor(threshold *
     size) + 1`` of its distinct shingles in the global order (rarest first: key = count << 40 | the
-    hash's top 40 bits) into ``out`` (text t: ``out[out_offsets[t]:out_offsets[t + 1]]``)."""
+    hash's top 40 bits) into ``out`` (text t: ``out[out_offsets[t]:out_offsets[t + 1]]``), and its
+    shingles as a bitmap (``bitmaps[t]``: bit = the hash's top 11 bits) with ``bits_set[t]`` bits."""
     longest = 1
     for t in range(len(starts)):
         longest = max(longest, ends[t] - starts[t] + 1)
@@ -602,6 +645,14 @@ def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, thresh
                 keys[d] = (np.uint64(c) << _CNT_SHIFT) | (hs[x] >> _KEY_SHIFT)
                 d += 1
         sizes[t] = d
+        bitmaps[t, :] = 0
+        for x in range(m):
+            bit = hs[x] >> _BIT_SHIFT
+            bitmaps[t, bit >> np.uint64(6)] |= np.uint64(1) << (bit & np.uint64(63))
+        ones = 0
+        for w in range(bitmaps.shape[1]):
+            ones += _popcount(bitmaps[t, w])
+        bits_set[t] = ones
         p = min(d, d - int(threshold * d) + 1)
         ks = np.sort(keys[:d])
         out[o:o + p] = ks[:p]
@@ -611,27 +662,46 @@ def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, thresh
 
 
 @nb.njit(cache=True, inline="always")
-def _upper_jaccard(inter, na, nb_):
-    return inter / max(na + nb_ - inter, 1)
+def _overlap_needed(na, nb_, threshold):
+    """The least overlap of sets of na and nb_ elements whose Jaccard reaches the threshold
+    (o / (na + nb_ - o) >= t  <=>  o >= t (na + nb_) / (1 + t)), less a margin for rounding."""
+    return np.int64(np.ceil(threshold * (na + nb_) / (1.0 + threshold) - 1e-9))
 
 
-# meta[row] = (distinct shingles, filled MinHash bins, start, end of its prefix in pkeys): one cache line
-SIZE, FILLED, P0, P1 = 0, 1, 2, 3
+# meta[row] = (distinct shingles, filled MinHash bins, start, end of its prefix in pkeys, its bitmap's
+# row in ``bitmaps``, the bits set in it): one cache line
+SIZE, FILLED, P0, P1, BITMAP, ONES = 0, 1, 2, 3, 4, 5
+META_COLUMNS = 6
 
 
 @nb.njit(cache=True, nogil=True)
-def _bound_rejects(mx, my, pkeys, threshold):
-    """True when the Jaccard of two rows (their ``meta`` rows) is surely below the threshold: by
-    their sizes, or by a merge of their rarest-first prefixes (a shingle passed over without a
-    match has none in the other set, so the overlap is at most what matched plus the smaller rest)."""
+def _bitmap_rejects(mx, my, bitmaps, threshold):
+    """True when the Jaccard of two bounded rows (their ``meta`` rows) is surely below the
+    threshold by their sizes, or by their bitmaps: a shared shingle sets the same bit in both, so
+    the overlap is at most the bits both have plus the shingles either lost to collisions in its
+    own map."""
     na, nb_ = mx[SIZE], my[SIZE]
-    if na < 0 or nb_ < 0:  # a row of small buckets only: no prefix computed (checking it costs less)
-        return False
-    if _upper_jaccard(min(na, nb_), na, nb_) < threshold:
+    need = _overlap_needed(na, nb_, threshold)
+    if min(na, nb_) < need:
         return True
+    bx, by = mx[BITMAP], my[BITMAP]
+    both = np.uint64(0)
+    for w in range(bitmaps.shape[1]):
+        both += _popcount(bitmaps[bx, w] & bitmaps[by, w])
+    return np.int64(both) + min(na - mx[ONES], nb_ - my[ONES]) < need
+
+
+@nb.njit(cache=True, nogil=True)
+def _prefix_rejects(mx, my, pkeys, threshold):
+    """True when a merge of the rarest-first prefixes of two bounded rows shows their Jaccard below
+    the threshold (a shingle passed over without a match has none in the other set, so the overlap
+    is at most what matched plus the smaller rest)."""
+    na, nb_ = mx[SIZE], my[SIZE]
+    need = _overlap_needed(na, nb_, threshold)
     i, iend = mx[P0], mx[P1]
     j, jend = my[P0], my[P1]
-    a0, b0 = i, j
+    # the overlap is at most what matched plus the smaller of what is left: ra - i of x, rb - j of y
+    ra, rb = na + i, nb_ + j
     o = 0
     while i < iend and j < jend:
         if pkeys[i] == pkeys[j]:
@@ -643,17 +713,24 @@ def _bound_rejects(mx, my, pkeys, threshold):
                 i += 1
             else:
                 j += 1
-            if _upper_jaccard(o + min(na - (i - a0), nb_ - (j - b0)), na, nb_) < threshold:
+            if o + min(ra - i, rb - j) < need:
                 return True
-    return _upper_jaccard(o + min(na - (i - a0), nb_ - (j - b0)), na, nb_) < threshold
+    return o + min(ra - i, rb - j) < need
 
 
 @nb.njit(cache=True, nogil=True)
-def _consider(x, y, sig, meta, pkeys, threshold, z, min_filled, stats):
-    """Whether the pair (x, y) goes to the exact check: not when its MinHash estimate is more than
-    ``z`` standard deviations below the threshold (as ``band_pairs``), nor when ``_bound_rejects``."""
+def _consider(x, y, sig, meta, pkeys, bitmaps, threshold, z, min_filled, stats):
+    """Whether the pair (x, y) goes to the exact check. Rows of big buckets (``meta`` SIZE >= 0:
+    the bounded rows) go through exact bounds, cheapest first (``_bitmap_rejects``, then
+    ``_prefix_rejects``); other rows through the MinHash pre-filter (not when the estimate is more
+    than ``z`` standard deviations below the threshold, as ``band_pairs``)."""
     stats[0] += 1
     mx, my = meta[x], meta[y]
+    if mx[SIZE] >= 0 and my[SIZE] >= 0:
+        if _bitmap_rejects(mx, my, bitmaps, threshold):
+            stats[2] += 1
+            return False
+        return True
     f = min(mx[FILLED], my[FILLED])
     if f >= min_filled:
         k = sig.shape[1]
@@ -663,9 +740,6 @@ def _consider(x, y, sig, meta, pkeys, threshold, z, min_filled, stats):
         if same / k < threshold - z * np.sqrt(threshold * (1.0 - threshold) / f):
             stats[1] += 1
             return False
-    if _bound_rejects(mx, my, pkeys, threshold):
-        stats[2] += 1
-        return False
     return True
 
 
@@ -689,7 +763,7 @@ def block_lists(ys, bucket, bhead, bstamp, blink, pos, block_id):
 
 @nb.njit(cache=True, nogil=True)
 def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, blink, pos, block_id, seen, sig, meta,
-                    pkeys, threshold, z, min_filled, stats):
+                    pkeys, bitmaps, threshold, z, min_filled, stats):
     """Candidate pairs (x, y) for the rows ``ys[lo:hi]`` of a block (``ys`` ascending), each x once
     per y: x a kept row before the block that shares a bucket with y (bucket g's kept rows are
     ``members[mstart[g]:mstart[g] + mfill[g]]``), or an earlier row of the block that does
@@ -723,7 +797,7 @@ def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, b
                     break
                 if seen[x2] != y:
                     seen[x2] = y
-                    if _consider(x2, y, sig, meta, pkeys, threshold, z, min_filled, local):
+                    if _consider(x2, y, sig, meta, pkeys, bitmaps, threshold, z, min_filled, local):
                         if count == len(out):
                             grown = np.empty((2 * len(out), 2), np.int64)
                             grown[:count] = out[:count]
@@ -731,8 +805,18 @@ def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, b
                         out[count, 0] = x2
                         out[count, 1] = y
                         count += 1
+    # the prefix merge costs more than the bitmap: only for the pairs the bitmap let through (in
+    # its own loop: inside the one above it slowed every pair down)
+    kept = 0
+    for q in range(count):
+        mx, my = meta[out[q, 0]], meta[out[q, 1]]
+        if mx[SIZE] >= 0 and my[SIZE] >= 0 and _prefix_rejects(mx, my, pkeys, threshold):
+            local[2] += 1
+        else:
+            out[kept] = out[q]
+            kept += 1
     stats += local
-    return out[:count]
+    return out[:kept]
 
 
 @nb.njit(cache=True, nogil=True)

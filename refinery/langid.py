@@ -166,4 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from refinery.cli import exit_cli
+
+    exit_cli(main())

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,8 +60,35 @@ def test_compiled_normalization_matches_python(english):
         return " ".join("".join(c for c in t if unicodedata.category(c)[0] != "P").split())
 
     texts = english[:300] + [" ", "", "\t\x1fA\v", "..", " x  y ", "a\r\n\r\nB!", "ΟΔΟΣ ΣΟΦΟΣ", "İstanbul",
-                             "ﬁne ＡＢＣ", "e\u0301cole", "x\x00y"]
-    assert normalize_many(texts) == [reference(t.replace("\x00", "")) for t in texts]
+                             "ﬁne ＡＢＣ", "e\u0301cole", "x\x00y", "café – “it’s” 北京", "wait…", "x\u00a0y",
+                             "\u1100\u1161\u11a8", "\u0bc6\u0bbe", "\u0dd9\u0ddf", "Ω", "ｶﾞ", "x\U0001d400y"]
+    want = [reference(t.replace("\x00", "")) for t in texts]
+    assert normalize_many(texts) == want
+    # an Arrow column takes the other path: only texts with a code point NFKC may change go through Python
+    assert normalize_batch(pa.array(texts)).texts() == want
+
+
+def test_nfkc_stable_code_points_stay_stable_next_to_any_other():
+    """A text made only of code points the table marks stable is its own NFKC (what lets Arrow
+    columns skip Python): checked for every code point that starts a canonical composition, followed
+    by a sample of stable ones, and for random runs of stable ones."""
+    import unicodedata
+
+    from refinery.dedup import _tables
+
+    stable = _tables()[2]
+    assert stable[:128].all() and not stable[[0xA0, 0x2026, 0xFB01, 0x301, 0x3A3, 0x130, 0x1161, 0xBBE]].any()
+    starters = sorted({int(d.split()[0], 16) for d in map(unicodedata.decomposition, map(chr, range(0x20000)))
+                       if len(d.split()) == 2 and not d.startswith("<")})
+    rng = random.Random(3)
+    ok = np.flatnonzero(stable)
+    sample = [chr(c) for c in rng.sample(ok.tolist(), 3000)] + [chr(c) for c in range(0x80, 0x3000) if stable[c]]
+    for c in starters:
+        if stable[c]:
+            assert all(unicodedata.is_normalized("NFKC", chr(c) + x) for x in sample), hex(c)
+    for _ in range(3000):
+        t = "".join(chr(int(c)) for c in rng.choices(ok, k=rng.randint(2, 8)))
+        assert unicodedata.is_normalized("NFKC", t), t
 
 
 def test_shingle_hashes_are_exact_jaccard(english):
@@ -213,6 +241,38 @@ def test_every_pair_sharing_a_bucket_is_a_candidate(templated):
     assert len(want) > 1000 and want <= found
     assert int(f.filled.min()) < 128  # short records: fewer shingles than MinHash bins
 
+
+
+def test_exact_bounds_never_drop_a_pair_that_verifies(templated):
+    """The bitmap and prefix bounds of near dedup are upper bounds of the exact Jaccard (a pair >=
+    the threshold is never dropped), and they have teeth: most pairs of one preamble fall to them."""
+    from refinery import dedup_kernels as K
+
+    records, group, _ = templated
+    cfg = DedupConfig()
+    batch = normalize_batch([t for _, t in records[:600]])
+    shingling = Shingling()
+    n = len(batch)
+    counts = np.zeros(1 << 22, np.uint32)
+    K.shingle_counts(batch.cp, batch.starts, batch.ends, *shingling._args(), counts, np.uint64(64 - 22))
+    keys, offs = np.empty(int(batch.lengths().sum()) + n, np.uint64), np.empty(n + 1, np.int64)
+    meta = np.zeros((n, K.META_COLUMNS), np.int64)
+    sizes, ones = np.empty(n, np.int64), np.empty(n, np.int64)
+    bitmaps = np.empty((n, K.BITMAP_WORDS), np.uint64)
+    K.prefix_keys(batch.cp, batch.starts, batch.ends, *shingling._args(), counts, np.uint64(64 - 22),
+                  cfg.threshold, sizes, keys, offs, bitmaps, ones)
+    meta[:, K.SIZE], meta[:, K.P0], meta[:, K.P1] = sizes, offs[:-1], offs[1:]
+    meta[:, K.BITMAP], meta[:, K.ONES] = np.arange(n), ones
+    g = np.array([group[r] for r, _ in records[:600]])
+    i, j = np.triu_indices(n, 1)
+    i, j = i[g[i] == g[j]], j[g[i] == g[j]]
+    sims = shingling.jaccard(batch, np.stack([i, j], axis=1))
+    by_bitmap = np.array([K._bitmap_rejects(meta[a], meta[b], bitmaps, cfg.threshold) for a, b in zip(i, j)])
+    by_prefix = np.array([K._prefix_rejects(meta[a], meta[b], keys, cfg.threshold) for a, b in zip(i, j)])
+    close = sims >= cfg.threshold
+    assert close.sum() > 100 and not by_bitmap[close].any() and not by_prefix[close].any()
+    far = sims < 0.7
+    assert by_bitmap[far].mean() > 0.99 and by_prefix[far].mean() > 0.9, (by_bitmap[far].mean(), by_prefix[far].mean())
 
 
 @pytest.mark.parametrize("existing, block_pairs", [(0, 100_000), (0, 500), (400, 5_000)])
