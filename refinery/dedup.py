@@ -575,7 +575,7 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
         in_large |= large[bucket[:, b]]
     bounded = np.flatnonzero(in_large)
     del large, in_large
-    meta = np.zeros((n, K.META_COLUMNS), np.int64)  # dedup_kernels.SIZE (-1: no prefix), FILLED, P0, P1, ...
+    meta = np.zeros((n, 4), np.int64)  # dedup_kernels.SIZE (-1: no prefix), FILLED, P0, P1
     meta[:, K.SIZE] = -1
     meta[:, K.FILLED] = filled
     stats["bounded_rows"] = len(bounded)
@@ -587,20 +587,19 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
         K.shingle_counts(t.cp, t.starts, t.ends, *args, counts, shift)
     plen = np.zeros(n, np.int64)
     parts = [np.empty(0, U64)]
-    bitmaps = np.empty((len(bounded), K.BITMAP_WORDS), U64)
+    bitmaps = np.empty((len(bounded), K.BITMAP_WORDS + 1), U64)
+    bitmap_row = np.full(n, -1, np.int32)
+    bitmap_row[bounded] = np.arange(len(bounded))
     done = 0
     for rows in _row_chunks(bounded, lengths, max_chars):
         t = texts_of(rows)
         out = np.empty(int((t.ends - t.starts).sum()) + len(rows), U64)
         offs = np.empty(len(rows) + 1, np.int64)
         sz = np.empty(len(rows), np.int64)
-        ones = np.empty(len(rows), np.int64)
         m = K.prefix_keys(t.cp, t.starts, t.ends, *args, counts, shift, float(threshold), sz, out, offs,
-                          bitmaps[done:done + len(rows)], ones)
+                          bitmaps[done:done + len(rows)])
         parts.append(out[:m].copy())
         meta[rows, K.SIZE] = sz
-        meta[rows, K.BITMAP] = np.arange(done, done + len(rows))
-        meta[rows, K.ONES] = ones
         done += len(rows)
         plen[rows] = np.diff(offs)
     del counts
@@ -637,8 +636,8 @@ def near_resolve(bands: np.ndarray, sig16: np.ndarray, filled: np.ndarray, thres
 
             def part(i: int, ys: np.ndarray = ys, cuts: np.ndarray = cuts, block_id: int = block_id) -> np.ndarray:
                 return K.near_candidates(ys, cuts[i], cuts[i + 1], bucket, mstart, mfill, members, bhead, bstamp,
-                                         blink, pos, block_id, seen[i], sig16, meta, pkeys, bitmaps, float(threshold),
-                                         PREFILTER_Z, PREFILTER_MIN_FILLED, counters[i])
+                                         blink, pos, block_id, seen[i], sig16, meta, pkeys, bitmap_row, bitmaps,
+                                         float(threshold), PREFILTER_Z, PREFILTER_MIN_FILLED, counters[i])
 
             found = list(pool.map(part, range(threads))) if pool else [part(0)]
             pairs = np.concatenate(found) if len(found) > 1 else found[0]

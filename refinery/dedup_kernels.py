@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -588,7 +589,10 @@ def first_gram_hits(cp, starts, ends, ns, prefix, base, salt, bits, slots, where
 # with the KEPT rows that share one of its LSH buckets (a removed row is never a comparator), pairs
 # that cannot reach the threshold dropped by bounds before the exact check.
 
-BITMAP_WORDS = 32  # a bounded row's shingles as a 2,048-bit map (256 bytes): the cheap exact bound
+# a bounded row's shingles as a 2,048-bit map (256 bytes: the cheap exact bound), then one word:
+# its distinct shingles << 32 | the bits set
+BITMAP_WORDS = 32
+_AHEAD = 8  # bucket members ahead whose bitmap rows are prefetched
 _BIT_SHIFT = np.uint64(64 - 11)
 _KEY_SHIFT = np.uint64(24)
 _CNT_SHIFT = np.uint64(40)
@@ -621,13 +625,30 @@ def _popcount(typingctx, x):
     return types.uint64(types.uint64), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Ask for the cache line of ``arr.flat[index]`` now (LLVM's prefetch): a row read a few
+    iterations later is then there instead of waiting for memory."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
+
+
 @nb.njit(cache=True, nogil=True)
 def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, threshold, sizes, out, out_offsets,
-                bitmaps, bits_set):
+                bitmaps):
     """Per text: its number of distinct shingles (``sizes``), the first ``size - floor(threshold *
     size) + 1`` of its distinct shingles in the global order (rarest first: key = count << 40 | the
     hash's top 40 bits) into ``out`` (text t: ``out[out_offsets[t]:out_offsets[t + 1]]``), and its
-    shingles as a bitmap (``bitmaps[t]``: bit = the hash's top 11 bits) with ``bits_set[t]`` bits."""
+    shingles as a bitmap (``bitmaps[t]``: bit = the hash's top 11 bits, then size << 32 | bits set)."""
     longest = 1
     for t in range(len(starts)):
         longest = max(longest, ends[t] - starts[t] + 1)
@@ -649,10 +670,10 @@ def prefix_keys(cp, starts, ends, ngram, word, base, salt, counts, shift, thresh
         for x in range(m):
             bit = hs[x] >> _BIT_SHIFT
             bitmaps[t, bit >> np.uint64(6)] |= np.uint64(1) << (bit & np.uint64(63))
-        ones = 0
-        for w in range(bitmaps.shape[1]):
+        ones = np.uint64(0)
+        for w in range(BITMAP_WORDS):
             ones += _popcount(bitmaps[t, w])
-        bits_set[t] = ones
+        bitmaps[t, BITMAP_WORDS] = (np.uint64(d) << _S32) | ones
         p = min(d, d - int(threshold * d) + 1)
         ks = np.sort(keys[:d])
         out[o:o + p] = ks[:p]
@@ -668,27 +689,25 @@ def _overlap_needed(na, nb_, threshold):
     return np.int64(np.ceil(threshold * (na + nb_) / (1.0 + threshold) - 1e-9))
 
 
-# meta[row] = (distinct shingles, filled MinHash bins, start, end of its prefix in pkeys, its bitmap's
-# row in ``bitmaps``, the bits set in it): one cache line
-SIZE, FILLED, P0, P1, BITMAP, ONES = 0, 1, 2, 3, 4, 5
-META_COLUMNS = 6
+# meta[row] = (distinct shingles, filled MinHash bins, start, end of its prefix in pkeys)
+SIZE, FILLED, P0, P1 = 0, 1, 2, 3
 
 
 @nb.njit(cache=True, nogil=True)
-def _bitmap_rejects(mx, my, bitmaps, threshold):
-    """True when the Jaccard of two bounded rows (their ``meta`` rows) is surely below the
+def _bitmap_rejects(bx, by, bitmaps, threshold):
+    """True when the Jaccard of two bounded rows (their rows of ``bitmaps``) is surely below the
     threshold by their sizes, or by their bitmaps: a shared shingle sets the same bit in both, so
     the overlap is at most the bits both have plus the shingles either lost to collisions in its
     own map."""
-    na, nb_ = mx[SIZE], my[SIZE]
+    hx, hy = bitmaps[bx, BITMAP_WORDS], bitmaps[by, BITMAP_WORDS]
+    na, nb_ = np.int64(hx >> _S32), np.int64(hy >> _S32)
     need = _overlap_needed(na, nb_, threshold)
     if min(na, nb_) < need:
         return True
-    bx, by = mx[BITMAP], my[BITMAP]
     both = np.uint64(0)
-    for w in range(bitmaps.shape[1]):
+    for w in range(BITMAP_WORDS):
         both += _popcount(bitmaps[bx, w] & bitmaps[by, w])
-    return np.int64(both) + min(na - mx[ONES], nb_ - my[ONES]) < need
+    return np.int64(both) + min(na - np.int64(hx & _LOW32), nb_ - np.int64(hy & _LOW32)) < need
 
 
 @nb.njit(cache=True, nogil=True)
@@ -719,19 +738,19 @@ def _prefix_rejects(mx, my, pkeys, threshold):
 
 
 @nb.njit(cache=True, nogil=True)
-def _consider(x, y, sig, meta, pkeys, bitmaps, threshold, z, min_filled, stats):
+def _consider(x, y, sig, meta, bitmap_row, bitmaps, threshold, z, min_filled, stats):
     """Whether the pair (x, y) goes to the exact check. Rows of big buckets (``meta`` SIZE >= 0:
-    the bounded rows) go through exact bounds, cheapest first (``_bitmap_rejects``, then
-    ``_prefix_rejects``); other rows through the MinHash pre-filter (not when the estimate is more
+    the bounded rows, with a row in ``bitmaps``) go through exact bounds, cheapest first
+    (``_bitmap_rejects`` here, ``_prefix_rejects`` later); other rows through the MinHash pre-filter (not when the estimate is more
     than ``z`` standard deviations below the threshold, as ``band_pairs``)."""
     stats[0] += 1
-    mx, my = meta[x], meta[y]
-    if mx[SIZE] >= 0 and my[SIZE] >= 0:
-        if _bitmap_rejects(mx, my, bitmaps, threshold):
+    bx, by = bitmap_row[x], bitmap_row[y]
+    if bx >= 0 and by >= 0:
+        if _bitmap_rejects(bx, by, bitmaps, threshold):
             stats[2] += 1
             return False
-        return True
-    f = min(mx[FILLED], my[FILLED])
+        return True  # the prefix merge comes after (``near_candidates``)
+    f = min(meta[x, FILLED], meta[y, FILLED])
     if f >= min_filled:
         k = sig.shape[1]
         same = 0
@@ -763,7 +782,7 @@ def block_lists(ys, bucket, bhead, bstamp, blink, pos, block_id):
 
 @nb.njit(cache=True, nogil=True)
 def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, blink, pos, block_id, seen, sig, meta,
-                    pkeys, bitmaps, threshold, z, min_filled, stats):
+                    pkeys, bitmap_row, bitmaps, threshold, z, min_filled, stats):
     """Candidate pairs (x, y) for the rows ``ys[lo:hi]`` of a block (``ys`` ascending), each x once
     per y: x a kept row before the block that shares a bucket with y (bucket g's kept rows are
     ``members[mstart[g]:mstart[g] + mfill[g]]``), or an earlier row of the block that does
@@ -786,9 +805,12 @@ def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, b
             while x >= 0 and pos[x] >= p:  # the block's list is latest first
                 x = blink[pos[x], b]
             i = m0
+            ahead = bitmaps.shape[1] if bitmap_row[y] >= 0 else 0  # words of a bitmap row, to prefetch
             while True:
                 if i < m1:
                     x2 = np.int64(members[i])
+                    if ahead and i + _AHEAD < m1 and bitmap_row[members[i + _AHEAD]] >= 0:
+                        _prefetch(bitmaps, bitmap_row[members[i + _AHEAD]] * ahead)
                     i += 1
                 elif x >= 0:
                     x2 = x
@@ -797,7 +819,7 @@ def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, b
                     break
                 if seen[x2] != y:
                     seen[x2] = y
-                    if _consider(x2, y, sig, meta, pkeys, bitmaps, threshold, z, min_filled, local):
+                    if _consider(x2, y, sig, meta, bitmap_row, bitmaps, threshold, z, min_filled, local):
                         if count == len(out):
                             grown = np.empty((2 * len(out), 2), np.int64)
                             grown[:count] = out[:count]

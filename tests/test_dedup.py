@@ -256,18 +256,16 @@ def test_exact_bounds_never_drop_a_pair_that_verifies(templated):
     counts = np.zeros(1 << 22, np.uint32)
     K.shingle_counts(batch.cp, batch.starts, batch.ends, *shingling._args(), counts, np.uint64(64 - 22))
     keys, offs = np.empty(int(batch.lengths().sum()) + n, np.uint64), np.empty(n + 1, np.int64)
-    meta = np.zeros((n, K.META_COLUMNS), np.int64)
-    sizes, ones = np.empty(n, np.int64), np.empty(n, np.int64)
-    bitmaps = np.empty((n, K.BITMAP_WORDS), np.uint64)
+    meta, sizes = np.zeros((n, 4), np.int64), np.empty(n, np.int64)
+    bitmaps = np.empty((n, K.BITMAP_WORDS + 1), np.uint64)
     K.prefix_keys(batch.cp, batch.starts, batch.ends, *shingling._args(), counts, np.uint64(64 - 22),
-                  cfg.threshold, sizes, keys, offs, bitmaps, ones)
+                  cfg.threshold, sizes, keys, offs, bitmaps)
     meta[:, K.SIZE], meta[:, K.P0], meta[:, K.P1] = sizes, offs[:-1], offs[1:]
-    meta[:, K.BITMAP], meta[:, K.ONES] = np.arange(n), ones
     g = np.array([group[r] for r, _ in records[:600]])
     i, j = np.triu_indices(n, 1)
     i, j = i[g[i] == g[j]], j[g[i] == g[j]]
     sims = shingling.jaccard(batch, np.stack([i, j], axis=1))
-    by_bitmap = np.array([K._bitmap_rejects(meta[a], meta[b], bitmaps, cfg.threshold) for a, b in zip(i, j)])
+    by_bitmap = np.array([K._bitmap_rejects(a, b, bitmaps, cfg.threshold) for a, b in zip(i, j)])
     by_prefix = np.array([K._prefix_rejects(meta[a], meta[b], keys, cfg.threshold) for a, b in zip(i, j)])
     close = sims >= cfg.threshold
     assert close.sum() > 100 and not by_bitmap[close].any() and not by_prefix[close].any()
