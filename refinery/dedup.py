@@ -81,7 +81,7 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     code point -> True where ``_nfkc`` cannot change a text made of such code points (NFKC maps it
     to itself, it combines with nothing before it, and Python lower-cases it on its own)."""
     global _TABLES
-    if _TABLES is None:  # built once per process (0.2 s; the CLI builds it while the input is read)
+    if _TABLES is None:  # built once per process (0.1 s; the CLI builds it while the input is read)
         cls = np.zeros(_TABLE_SIZE, np.uint8)
         lower = np.arange(_TABLE_SIZE, dtype=np.uint32)
         stable = np.zeros(_TABLE_SIZE, bool)
@@ -801,7 +801,8 @@ class DedupResult:
 def _chunked_features(src: Utf8Texts, cfg: DedupConfig) -> Features:
     """``features`` of every text, normalized ``CHUNK_BYTES`` at a time; the chunks run in numba's
     number of threads (the kernels release the GIL): normalizing and the exact keys are serial
-    kernels, so one chunk at a time would leave a core idle for half of this step."""
+    kernels, so one chunk at a time would leave a core idle for half of this step. The threads call
+    serial kernels only (``parallel=False``): numba's workqueue layer must not be entered from two."""
     chunks = list(src.chunks(max_rows=cfg.batch_size))
     threads = min(numba.get_num_threads(), len(chunks))
     if threads <= 1:
@@ -907,6 +908,7 @@ def find_duplicates(ids: Sequence[str], texts: Sequence[str] | pa.Array | NormBa
 
 
 def _first_kernel_call() -> None:
+    """Any kernel's first call sets numba up; then the normalization tables."""
     K.exact_hashes(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.zeros(1, np.int64), np.empty((1, 2), U64))
     _tables()
 
