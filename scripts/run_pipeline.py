@@ -8,8 +8,9 @@ recovery and evaluation steps, with an ETA). At the end, one table: stage, secon
 key quality figure, check verdicts; then the release verdict with the path of the bundle, or the
 gates that blocked it and why, in a paragraph; and how to open the UI.
 
-Exit status: 0 released, 2 blocked by a release gate, 1 a stage failed. Run it again after a
-crash or Ctrl-C: finished stages are reused (their identity exists), training resumes from its
+Exit status: 0 released, 2 blocked by a release gate, 1 a stage failed, 128 + the signal when
+stopped by SIGTERM, SIGHUP or Ctrl-C (Dagster and the stage's processes end with it). Run it again
+after a crash or a stop: finished stages are reused (their identity exists), training resumes from its
 last checkpoint and the report from its last scored model.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -60,34 +62,88 @@ def _mb(x: Any) -> str:
     return "-" if not isinstance(x, (int, float)) else f"{x / 1e6:,.1f} MB"
 
 
+class Stopped(Exception):
+    """A signal asked this process to end (SIGTERM from a process manager, SIGHUP from a closed terminal)."""
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def _end_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End ``proc`` (Dagster) and every process under it (the stage's runner, its workers). Without
+    this they outlive this process and run the job on their own, unseen. Dagster is killed first:
+    a SIGTERM makes it start the interrupted stage again (seen: a new runner, orphaned); the stage's
+    processes then get SIGTERM, and SIGKILL after ``grace`` seconds. Finished stages and checkpoints
+    stay; a killed stage leaves nothing that looks finished (artifacts are staged), so the next run
+    continues."""
+    import psutil
+
+    try:
+        dagster = psutil.Process(proc.pid)
+        procs = dagster.children(recursive=True)
+        dagster.kill()
+    except psutil.NoSuchProcess:
+        procs = []
+    proc.wait()
+    for p in list(procs):  # what they started meanwhile
+        try:
+            procs += [c for c in p.children(recursive=True) if c not in procs]
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def run(job: str, env: dict[str, str], log_path: Path) -> int:
     """Run the job, the full log to ``log_path``, a concise account to the console."""
     dagster = str(Path(sys.executable).with_name("dagster"))
-    started: dict[str, float] = {}
-    last_progress: dict[str, float] = {}
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen([dagster, "job", "execute", "-f", "definitions.py", "-j", job], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            step = STEP_LINE.search(line)
-            if step and not step["step"].startswith(CHECK_PREFIXES) and not step["step"].endswith("_artifact_intact"):
-                name, event = step["step"], step["event"]
-                if event == "STEP_START":
-                    started[name] = time.monotonic()
-                    print(f"  {time.strftime('%H:%M:%S')}  {name} ...", flush=True)
-                else:
-                    took = time.monotonic() - started.get(name, time.monotonic())
-                    word = {"STEP_SUCCESS": "done", "STEP_FAILURE": "FAILED",
-                            "STEP_UP_FOR_RETRY": "failed, retrying"}[event]
-                    print(f"  {time.strftime('%H:%M:%S')}  {name} {word} ({took:.0f} s)", flush=True)
-                continue
-            message = MESSAGE_LINE.search(line)
-            if message and time.monotonic() - last_progress.get(message["step"], 0) >= 20:
-                last_progress[message["step"]] = time.monotonic()
-                print(f"      {message['message'][:150]}", flush=True)
-        return proc.wait()
+        try:
+            return _follow(proc, log)
+        except (Stopped, KeyboardInterrupt):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the cleanup short
+                signal.signal(signum, signal.SIG_IGN)
+            _end_tree(proc)
+            raise
+
+
+def _follow(proc: subprocess.Popen, log: Any) -> int:
+    """Copy the job's output to ``log``; print the stage lines and progress; its exit status."""
+    started: dict[str, float] = {}
+    last_progress: dict[str, float] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        step = STEP_LINE.search(line)
+        if step and not step["step"].startswith(CHECK_PREFIXES) and not step["step"].endswith("_artifact_intact"):
+            name, event = step["step"], step["event"]
+            if event == "STEP_START":
+                started[name] = time.monotonic()
+                print(f"  {time.strftime('%H:%M:%S')}  {name} ...", flush=True)
+            else:
+                took = time.monotonic() - started.get(name, time.monotonic())
+                word = {"STEP_SUCCESS": "done", "STEP_FAILURE": "FAILED",
+                        "STEP_UP_FOR_RETRY": "failed, retrying"}[event]
+                print(f"  {time.strftime('%H:%M:%S')}  {name} {word} ({took:.0f} s)", flush=True)
+            continue
+        message = MESSAGE_LINE.search(line)
+        if message and time.monotonic() - last_progress.get(message["step"], 0) >= 20:
+            last_progress[message["step"]] = time.monotonic()
+            print(f"      {message['message'][:150]}", flush=True)
+    return proc.wait()
 
 
 def summary(instance: Any, run_id: str, home: Path) -> tuple[str, int]:
@@ -161,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     log_path = home / "logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{args.job}.log"
     print(f"refinery: job {args.job}, profile {args.profile}, home {home}\n  full log: {log_path}", flush=True)
     start = time.monotonic()
-    code = run(args.job, env, log_path)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stopped)
+    try:
+        code = run(args.job, env, log_path)
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"\nstopped by {signal.Signals(signum).name}: the run's processes were ended. Run it again to "
+              "continue from the last finished stage.", flush=True)
+        return 128 + signum
     instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
     runs = instance.get_runs(limit=1)
     if not runs:

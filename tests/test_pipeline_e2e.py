@@ -119,6 +119,38 @@ def test_killed_runs_resume_training_and_the_report(tmp_path):
     assert "RELEASED" in proc.stdout
 
 
+def _processes_of(home: Path) -> list[int]:
+    """The processes running with this REFINERY_HOME (Dagster, the stage runners, their workers)."""
+    mark = b"\0" + f"REFINERY_HOME={home}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in b"\0" + (entry / "environ").read_bytes() + b"\0":
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def test_sigterm_to_the_driver_ends_the_whole_run(tmp_path):
+    """A process manager stops `make demo` with SIGTERM to its main process: Dagster and the stage
+    running under it end too (they used to run on alone, unseen), and the exit status says so."""
+    home = tmp_path / "home"
+    proc = _start(home)
+    deadline = time.monotonic() + 600
+    while not list((home / "work").glob("qlora_model/*/out")):  # a stage runner is at work
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never reached qlora_model"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        time.sleep(1)
+        assert _processes_of(home) == []
+    finally:  # a failure leaves no run behind
+        for pid in _processes_of(home):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_every_check_passed(pipeline_run):
     instance = pipeline_run["instance"]
     runs = instance.get_runs(limit=1)
