@@ -739,10 +739,10 @@ def _prefix_rejects(mx, my, pkeys, threshold):
 
 @nb.njit(cache=True, nogil=True)
 def _consider(x, y, sig, meta, bitmap_row, bitmaps, threshold, z, min_filled, stats):
-    """Whether the pair (x, y) goes to the exact check. Rows of big buckets (``meta`` SIZE >= 0:
-    the bounded rows, with a row in ``bitmaps``) go through exact bounds, cheapest first
-    (``_bitmap_rejects`` here, ``_prefix_rejects`` later); other rows through the MinHash pre-filter (not when the estimate is more
-    than ``z`` standard deviations below the threshold, as ``band_pairs``)."""
+    """Whether the pair (x, y) goes to the exact check. Rows of big buckets (the bounded rows:
+    ``bitmap_row`` >= 0) go through exact bounds, cheapest first (``_bitmap_rejects`` here,
+    ``_prefix_rejects`` later); other rows through the MinHash pre-filter (not when the estimate
+    is more than ``z`` standard deviations below the threshold, as ``band_pairs``)."""
     stats[0] += 1
     bx, by = bitmap_row[x], bitmap_row[y]
     if bx >= 0 and by >= 0:
@@ -827,8 +827,7 @@ def near_candidates(ys, lo, hi, bucket, mstart, mfill, members, bhead, bstamp, b
                         out[count, 0] = x2
                         out[count, 1] = y
                         count += 1
-    # the prefix merge costs more than the bitmap: only for the pairs the bitmap let through (in
-    # its own loop: inside the one above it slowed every pair down)
+    # the prefix merge costs more than the bitmap: only for the pairs the bitmap let through
     kept = 0
     for q in range(count):
         mx, my = meta[out[q, 0]], meta[out[q, 1]]
