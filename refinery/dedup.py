@@ -171,34 +171,55 @@ class NormBatch:
 @dataclass
 class Utf8Texts:
     """Texts as UTF-8 bytes, NFKC already applied (``prepare``): text r is
-    ``data[offsets[r]:offsets[r + 1]]``. What normalization reads, in chunks, without Python strings."""
+    ``data[offsets[r]:offsets[r + 1]]``, or text ``patch_of[r]`` of ``patch`` when that is >= 0 (the
+    few texts NFKC changed: the rest keep sharing Arrow's buffer, uncopied). What normalization
+    reads, in chunks, without Python strings."""
 
     data: np.ndarray  # uint8
     offsets: np.ndarray  # int64, len + 1
     chars: np.ndarray | None = None  # code points per text, when the encoder knew them
+    patch: Utf8Texts | None = None
+    patch_of: np.ndarray | None = None  # int64 per text, -1 where ``data`` holds it
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def sizes(self) -> np.ndarray:
         """Bytes per text (at least its number of code points)."""
-        return np.diff(self.offsets)
+        return self._sizes(np.arange(len(self)))[0]
+
+    def _sizes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes of the texts ``rows``, and the rows as ``normalize_utf8`` reads them (-p-1: patch text p)."""
+        size = self.offsets[rows + 1] - self.offsets[rows]
+        if self.patch is None:
+            return size, rows
+        p = self.patch_of[rows]
+        at = p >= 0
+        size[at] = self.patch.offsets[p[at] + 1] - self.patch.offsets[p[at]]
+        return size, np.where(at, -p - 1, rows)
 
     def normalize(self, rows: np.ndarray | None = None, *, plain: bool = False) -> NormBatch:
         """The normalized texts of ``rows`` (all by default), in that order; ``plain``: decoded
         only (texts that are normalized already)."""
         rows = np.arange(len(self), dtype=np.int64) if rows is None else np.ascontiguousarray(rows, np.int64)
-        out = np.empty(int((self.offsets[rows + 1] - self.offsets[rows]).sum()), np.uint32)
+        size, where = self._sizes(rows)
+        out = np.empty(int(size.sum()), np.uint32)
         starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
-        n = K.normalize_utf8(self.data, self.offsets, rows, *_tables()[:2], plain, out, starts, ends)
+        patch = self.patch or _NO_PATCH
+        n = K.normalize_utf8(self.data, self.offsets, where, *_tables()[:2], plain, out, starts, ends,
+                             patch.data, patch.offsets)
         return NormBatch(out[:n].copy() if n < len(out) // 2 else out[:n], starts, ends)
 
     def decode(self, rows: np.ndarray | None = None) -> NormBatch:
         return self.normalize(rows, plain=True)
 
     def arrow(self) -> pa.LargeStringArray:
-        """The texts as an Arrow string column over the same bytes (no Python strings)."""
-        return pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
+        """The texts as an Arrow string column, over the same bytes when nothing is patched (no
+        Python strings)."""
+        arr = pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
+        if self.patch is None:
+            return arr
+        return pc.replace_with_mask(arr, numeric_array(self.patch_of >= 0), self.patch.arrow())
 
     def chunks(self, max_bytes: int = CHUNK_BYTES, max_rows: int | None = None) -> Iterator[np.ndarray]:
         """Consecutive row ranges of at most ``max_bytes`` of text (and ``max_rows`` rows), at least one row each."""
@@ -242,10 +263,10 @@ def prepare(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> Utf8Texts:
                 changed[i] = after
         if not changed:
             return texts
-        mask = np.zeros(len(arr), bool)
-        mask[list(changed)] = True
-        return _utf8_of_arrow(pc.replace_with_mask(arr, numeric_array(mask),
-                                                   string_array(list(changed.values())).cast(pa.large_string())))
+        texts.patch = _utf8_of_arrow(string_array(list(changed.values())).cast(pa.large_string()))
+        texts.patch_of = np.full(len(texts), -1, np.int64)
+        texts.patch_of[list(changed)] = np.arange(len(changed))
+        return texts
     fixed = [t if t.isascii() else _nfkc(t) for t in texts]
     try:
         return _utf8_of_arrow(pa.array(fixed, pa.large_string()))
@@ -254,6 +275,9 @@ def prepare(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> Utf8Texts:
         offsets = np.zeros(len(data) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, data), np.int64, len(data)), out=offsets[1:])
         return Utf8Texts(np.frombuffer(b"".join(data), np.uint8), offsets)
+
+
+_NO_PATCH = Utf8Texts(np.frombuffer(b"", np.uint8), np.zeros(1, np.int64))
 
 
 def _utf8_of_arrow(arr: pa.Array) -> Utf8Texts:

@@ -14,11 +14,32 @@ The kernels release the GIL (``nogil``), so a caller's thread can run them next 
 
 from __future__ import annotations
 
+import sys
+
 import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+
+def _numba_setup_without_scipy() -> None:
+    """numba's set-up at its first compile imports numba.np.arraymath, which imports scipy (0.15 s,
+    with numpy.testing and f2py) only to choose BLAS or a plain loop for np.correlate/np.convolve;
+    no kernel here uses them. Importing arraymath with scipy's BLAS module hidden takes 0.03 s, and
+    numba still imports scipy when it compiles a function that needs BLAS (np.dot, np.linalg)."""
+    blas = "scipy.linalg.cython_blas"
+    if "numba.np.arraymath" in sys.modules or blas in sys.modules:
+        return
+    sys.modules[blas] = None  # import fails: "no BLAS", arraymath's inner product is a plain loop
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if sys.modules.get(blas, 0) is None:
+            del sys.modules[blas]
+
+
+_numba_setup_without_scipy()
 
 U64 = np.uint64
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -46,45 +67,54 @@ def _fmix(h):
 
 
 @nb.njit(cache=True, nogil=True)
-def normalize_utf8(data, offsets, rows, cls, lower, plain, out, out_starts, out_ends):
+def normalize_utf8(data, offsets, rows, cls, lower, plain, out, out_starts, out_ends, patch, patch_offsets):
     """Texts ``rows`` of UTF-8 ``data`` (text r is ``data[offsets[r]:offsets[r + 1]]``, already
-    NFKC) as code points: lower case (``lower``), punctuation (class PUNCT) deleted, every
-    whitespace run turned into one space, trimmed, NUL dropped. ``plain``: decode only (text that
-    was normalized before). Surrogates (encoded with surrogatepass) decode as themselves. Returns
-    the code points written."""
+    NFKC; a row -p-1 is text p of ``patch``) as code points: lower case (``lower``), punctuation
+    (class PUNCT) deleted, every whitespace run turned into one space, trimmed, NUL dropped.
+    ``plain``: decode only (text that was normalized before). Surrogates (encoded with
+    surrogatepass) decode as themselves. Returns the code points written."""
     o = 0
-    ntab = len(cls)
     for k in range(len(rows)):
-        i, end = offsets[rows[k]], offsets[rows[k] + 1]
-        first = o
+        r = rows[k]
         out_starts[k] = o
-        while i < end:
-            b = np.uint32(data[i])
-            n = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            if i + n > end:  # a cut sequence (not produced here): the byte stands for itself
-                n = 1
-            if n == 1:
-                c = b
-            elif n == 2:
-                c = ((b & 0x1F) << 6) | (data[i + 1] & 0x3F)
-            elif n == 3:
-                c = ((b & 0x0F) << 12) | ((data[i + 1] & 0x3F) << 6) | (data[i + 2] & 0x3F)
-            else:
-                c = ((b & 0x07) << 18) | ((data[i + 1] & 0x3F) << 12) | ((data[i + 2] & 0x3F) << 6) | (data[i + 3] & 0x3F)
-            i += n
-            if plain:
-                out[o] = c
-                o += 1
-                continue
-            kind = cls[c] if c < ntab else 0  # NUL is punctuation in the table: dropped
-            space = kind == SPACE
-            out[o] = _SPACE_CP if space else lower[c] if c < ntab else c
-            # written always, kept only if a character, or a space after a character (a run of spaces
-            # and punctuation keeps one; leading ones go): no branch on the class, which is unpredictable
-            o += np.int64((kind == 0) | (space & (o > first) & (out[o - 1] != _SPACE_CP)))
-        if o > first and out[o - 1] == _SPACE_CP:  # a trailing space goes too
-            o -= 1
+        if r >= 0:
+            o = _normalize_one(data, offsets[r], offsets[r + 1], cls, lower, plain, out, o)
+        else:
+            o = _normalize_one(patch, patch_offsets[-r - 1], patch_offsets[-r], cls, lower, plain, out, o)
         out_ends[k] = o
+    return o
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _normalize_one(data, i, end, cls, lower, plain, out, o):
+    first = o
+    ntab = len(cls)
+    while i < end:
+        b = np.uint32(data[i])
+        n = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+        if i + n > end:  # a cut sequence (not produced here): the byte stands for itself
+            n = 1
+        if n == 1:
+            c = b
+        elif n == 2:
+            c = ((b & 0x1F) << 6) | (data[i + 1] & 0x3F)
+        elif n == 3:
+            c = ((b & 0x0F) << 12) | ((data[i + 1] & 0x3F) << 6) | (data[i + 2] & 0x3F)
+        else:
+            c = ((b & 0x07) << 18) | ((data[i + 1] & 0x3F) << 12) | ((data[i + 2] & 0x3F) << 6) | (data[i + 3] & 0x3F)
+        i += n
+        if plain:
+            out[o] = c
+            o += 1
+            continue
+        kind = cls[c] if c < ntab else 0  # NUL is punctuation in the table: dropped
+        space = kind == SPACE
+        out[o] = _SPACE_CP if space else lower[c] if c < ntab else c
+        # written always, kept only if a character, or a space after a character (a run of spaces
+        # and punctuation keeps one; leading ones go): no branch on the class, which is unpredictable
+        o += np.int64((kind == 0) | (space & (o > first) & (out[o - 1] != _SPACE_CP)))
+    if o > first and out[o - 1] == _SPACE_CP:  # a trailing space goes too
+        o -= 1
     return o
 
 

@@ -16,7 +16,8 @@ from bench.dedup_corpora import greedy_truth, mutate, templated_corpus  # the be
 from refinery.config import DedupConfig, resolve_path
 from refinery.dedup import (DedupIndex, MinHasher, NormBatch, Shingling, candidate_pairs, exact_jaccard, features,
                             find_duplicates, lsh_params, near_resolve, normalize_batch, normalize_many, normalize_text,
-                            resolve, verify_pairs)
+                            prepare, resolve, verify_pairs)
+from refinery.dedup import _nfkc  # what prepare applies to a text that is not ASCII
 
 DATA = resolve_path("${REFINERY_SHARED_DATA:-../shared/data}")
 
@@ -61,11 +62,18 @@ def test_compiled_normalization_matches_python(english):
 
     texts = english[:300] + [" ", "", "\t\x1fA\v", "..", " x  y ", "a\r\n\r\nB!", "ΟΔΟΣ ΣΟΦΟΣ", "İstanbul",
                              "ﬁne ＡＢＣ", "e\u0301cole", "x\x00y", "café – “it’s” 北京", "wait…", "x\u00a0y",
-                             "\u1100\u1161\u11a8", "\u0bc6\u0bbe", "\u0dd9\u0ddf", "Ω", "ｶﾞ", "x\U0001d400y"]
+                             "\u1100\u1161\u11a8", "\u0bc6\u0bbe", "\u0dd9\u0ddf", "Ω", "ｶﾞ", "x\U0001d400y",
+                             "\u3300 x", "\ufdfa"]  # the last two: NFKC makes them longer
     want = [reference(t.replace("\x00", "")) for t in texts]
     assert normalize_many(texts) == want
-    # an Arrow column takes the other path: only texts with a code point NFKC may change go through Python
+    # an Arrow column takes the other path: only texts with a code point NFKC may change go through
+    # Python, and those it changed are read from a patch beside Arrow's buffer, in any order of rows
     assert normalize_batch(pa.array(texts)).texts() == want
+    src = prepare(pa.array(texts))
+    assert src.patch is not None and (src.patch_of >= 0).sum() < len(texts)
+    rows = np.random.default_rng(0).permutation(len(texts))[:150]
+    assert src.normalize(rows).texts() == [want[r] for r in rows]
+    assert src.arrow().to_pylist() == [t if t.isascii() else _nfkc(t) for t in texts]
 
 
 def test_nfkc_stable_code_points_stay_stable_next_to_any_other():
@@ -89,6 +97,24 @@ def test_nfkc_stable_code_points_stay_stable_next_to_any_other():
     for _ in range(3000):
         t = "".join(chr(int(c)) for c in rng.choices(ok, k=rng.randint(2, 8)))
         assert unicodedata.is_normalized("NFKC", t), t
+
+
+def test_kernels_set_numba_up_without_scipy_and_leave_blas_to_others():
+    """The kernels' first call no longer imports scipy (0.15 s of every CLI process); numba still
+    compiles linear algebra with BLAS afterwards, in the same process."""
+    code = """
+import sys
+import numpy as np
+from refinery import dedup_kernels as K
+K.exact_hashes(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.zeros(1, np.int64), np.empty((1, 2), np.uint64))
+assert "scipy.linalg" not in sys.modules, "numba's set-up imported scipy.linalg"
+import numba
+a = np.arange(6.0).reshape(2, 3)
+assert np.allclose(numba.njit(lambda x, y: np.dot(x, y))(a, a.T), a @ a.T)
+assert "scipy.linalg.cython_blas" in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_shingle_hashes_are_exact_jaccard(english):
