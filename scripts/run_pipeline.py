@@ -105,6 +105,17 @@ def _end_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def _mark_canceled(instance: Any, since: float, message: str) -> None:
+    """The run this driver started, if Dagster recorded it, as CANCELED: its process was killed
+    before it could say so, and the UI would show it running forever."""
+    import dagster as dg
+
+    for record in instance.get_run_records(limit=1):
+        if (record.create_timestamp.timestamp() >= since - 1
+                and record.dagster_run.status in (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)):
+            instance.report_run_canceled(record.dagster_run, message=message)
+
+
 def run(job: str, env: dict[str, str], log_path: Path) -> int:
     """Run the job, the full log to ``log_path``, a concise account to the console."""
     dagster = str(Path(sys.executable).with_name("dagster"))
@@ -219,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stopped)
+    began = time.time()
     try:
         code = run(args.job, env, log_path)
     except (Stopped, KeyboardInterrupt) as exc:
         signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
-        print(f"\nstopped by {signal.Signals(signum).name}: the run's processes were ended. Run it again to "
-              "continue from the last finished stage.", flush=True)
+        name = signal.Signals(signum).name
+        _mark_canceled(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), began, f"make demo stopped by {name}")
+        print(f"\nstopped by {name}: the run's processes were ended. Run it again to continue from the last "
+              "finished stage.", flush=True)
         return 128 + signum
     instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
     runs = instance.get_runs(limit=1)

@@ -134,7 +134,8 @@ def _processes_of(home: Path) -> list[int]:
 
 def test_sigterm_to_the_driver_ends_the_whole_run(tmp_path):
     """A process manager stops `make demo` with SIGTERM to its main process: Dagster and the stage
-    running under it end too (they used to run on alone, unseen), and the exit status says so."""
+    running under it end too (they used to run on alone, unseen), the exit status says so, and the
+    run is CANCELED in Dagster (it stayed STARTED: the UI showed it running)."""
     home = tmp_path / "home"
     proc = _start(home)
     deadline = time.monotonic() + 600
@@ -146,6 +147,8 @@ def test_sigterm_to_the_driver_ends_the_whole_run(tmp_path):
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
         time.sleep(1)
         assert _processes_of(home) == []
+        runs = dg.DagsterInstance.from_config(str(home / "dagster")).get_runs(limit=1)
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.CANCELED]
     finally:  # a failure leaves no run behind
         for pid in _processes_of(home):
             os.kill(pid, signal.SIGKILL)
