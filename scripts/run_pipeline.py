@@ -105,15 +105,19 @@ def _end_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
-def _mark_canceled(instance: Any, since: float, message: str) -> None:
+def _mark_canceled(dagster_home: str, since: float, message: str) -> None:
     """The run this driver started, if Dagster recorded it, as CANCELED: its process was killed
     before it could say so, and the UI would show it running forever."""
     import dagster as dg
 
-    for record in instance.get_run_records(limit=1):
-        if (record.create_timestamp.timestamp() >= since - 1
-                and record.dagster_run.status in (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)):
-            instance.report_run_canceled(record.dagster_run, message=message)
+    try:
+        instance = dg.DagsterInstance.from_config(dagster_home)
+        for record in instance.get_run_records(limit=1):
+            if (record.create_timestamp.timestamp() >= since - 1
+                    and record.dagster_run.status in (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)):
+                instance.report_run_canceled(record.dagster_run, message=message)
+    except Exception as exc:  # bookkeeping: the stop itself has happened and must still be reported
+        print(f"(the run could not be marked canceled in Dagster: {exc})", flush=True)
 
 
 def run(job: str, env: dict[str, str], log_path: Path) -> int:
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Stopped, KeyboardInterrupt) as exc:
         signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
         name = signal.Signals(signum).name
-        _mark_canceled(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), began, f"make demo stopped by {name}")
+        _mark_canceled(env["DAGSTER_HOME"], began, f"make demo stopped by {name}")
         print(f"\nstopped by {name}: the run's processes were ended. Run it again to continue from the last "
               "finished stage.", flush=True)
         return 128 + signum
