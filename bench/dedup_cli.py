@@ -116,26 +116,11 @@ def word_grams(text: str, n: int = 5) -> set[str]:
     return {" ".join(w[k:k + n]) for k in range(len(w) - n + 1)} or {text}
 
 
-def run_naive(texts: list[str], cfg: DedupConfig) -> dict:
-    """datasketch the way most scripts use it: MinHash.update per word 5-gram, MinHashLSH query + insert."""
-    from datasketch import MinHash, MinHashLSH
-
-    t0 = time.perf_counter()
-    lsh = MinHashLSH(num_perm=cfg.num_perm, params=lsh_params(cfg.threshold, cfg.num_perm, cfg.false_negative_weight))
-    for i, t in enumerate(texts):
-        m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
-        for g in word_grams(t):
-            m.update(g.encode("utf-8"))
-        if not lsh.query(m):
-            lsh.insert(str(i), m)
-    seconds = time.perf_counter() - t0
-    return {"records": len(texts), "seconds": round(seconds, 3), "records_per_second": round(len(texts) / seconds, 1)}
-
-
-def run_naive_verified(texts: list[str], cfg: DedupConfig) -> dict:
-    """The naive loop made exact, as a user who wants the right answer writes it: LSH candidates
-    (kept records only) verified by the Jaccard of Python sets of character n-grams (refinery's
-    shingles), a record removed only when one of them reaches the threshold."""
+def run_naive(texts: list[str], cfg: DedupConfig, *, verify: bool = False) -> dict:
+    """datasketch the way most scripts use it: MinHash.update per word 5-gram, MinHashLSH query +
+    insert; a record goes whenever a candidate exists. ``verify``: the loop made exact, as a user who
+    wants the right answer writes it: candidates (kept records only) verified by the Jaccard of
+    Python sets of character n-grams (refinery's shingles)."""
     from datasketch import MinHash, MinHashLSH
 
     t0 = time.perf_counter()
@@ -146,11 +131,16 @@ def run_naive_verified(texts: list[str], cfg: DedupConfig) -> dict:
         m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
         for g in word_grams(t):
             m.update(g.encode("utf-8"))
-        grams = {t[k:k + cfg.ngram] for k in range(max(len(t) - cfg.ngram + 1, 1))}
-        if any(len(grams & kept[c]) >= cfg.threshold * len(grams | kept[c]) for c in lsh.query(m)):
-            removed += 1
+        if verify:
+            grams = {t[k:k + cfg.ngram] for k in range(max(len(t) - cfg.ngram + 1, 1))}
+            dup = any(len(grams & kept[c]) >= cfg.threshold * len(grams | kept[c]) for c in lsh.query(m))
         else:
-            lsh.insert(str(i), m)
+            dup = bool(lsh.query(m))
+        if dup:
+            removed += 1
+            continue
+        lsh.insert(str(i), m)
+        if verify:
             kept[str(i)] = grams
     seconds = time.perf_counter() - t0
     return {"records": len(texts), "seconds": round(seconds, 3), "records_per_second": round(len(texts) / seconds, 1),
@@ -247,7 +237,7 @@ def run_corpus(kind: str, args) -> dict:
         for _ in range(args.repeat):
             runs.append((run_refinery(path, tmp / "out.parquet"), run_naive(sample, cfg)))
         results = {"refinery": _median_run([r for r, _ in runs]), "naive": _median_run([n for _, n in runs]),
-                   "naive_verified": run_naive_verified(sample, cfg)}
+                   "naive_verified": run_naive(sample, cfg, verify=True)}
         for lib in [x for x in args.libraries.split(",") if x]:
             try:
                 if lib == "rensa":
