@@ -205,7 +205,7 @@ class Utf8Texts:
         size, where = self._sizes(rows)
         out = np.empty(int(size.sum()), np.uint32)
         starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
-        patch = self.patch or _NO_PATCH
+        patch = _NO_PATCH if self.patch is None else self.patch  # (not ``or``: an empty batch is falsy)
         n = K.normalize_utf8(self.data, self.offsets, where, *_tables()[:2], plain, out, starts, ends,
                              patch.data, patch.offsets)
         return NormBatch(out[:n].copy() if n < len(out) // 2 else out[:n], starts, ends)
